@@ -1,0 +1,53 @@
+"""Root-mean-square normalization with Gemma's `(1 + scale)` convention."""
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma")
+class GemmaRMSNormalization(keras.layers.Layer):
+    """RMS normalization over the last axis, scaled by `1 + scale`.
+
+    Gemma stores the normalization weight as an offset from one, so a freshly
+    initialized layer (scale all zeros) is the identity scaling. The
+    statistics and the scaling are computed in float32 whatever the layer's
+    compute dtype, then cast back.
+
+    Args:
+        epsilon: added to the mean square before the reciprocal square root.
+
+    Example:
+
+    >>> import numpy as np
+    >>> norm = GemmaRMSNormalization()
+    >>> y = norm(np.array([[3.0, 4.0]], dtype="float32"))
+    >>> np.round(keras.ops.convert_to_numpy(y), 4).tolist()
+    [[0.8485, 1.1314]]
+    """
+
+    def __init__(self, epsilon=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(
+            name="scale",
+            shape=(input_shape[-1],),
+            initializer="zeros",
+        )
+        self.built = True
+
+    def call(self, inputs):
+        x = ops.cast(inputs, "float32")
+        variance = ops.mean(ops.square(x), axis=-1, keepdims=True)
+        x = x * ops.rsqrt(variance + self.epsilon)
+        x = x * (1.0 + ops.cast(self.scale, "float32"))
+        return ops.cast(x, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"epsilon": self.epsilon})
+        return config
