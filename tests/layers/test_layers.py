@@ -1,0 +1,189 @@
+"""Each layer against a direct numpy statement of its math."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+
+from keras_gemma import (
+    GeGLUFeedForward,
+    GemmaAttention,
+    GemmaRMSNormalization,
+    RotaryEmbedding,
+    TiedTokenEmbedding,
+)
+
+
+def _numpy(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def test_rms_normalization_uses_one_plus_scale():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 3, 8)).astype("float32")
+    scale = rng.normal(size=(8,)).astype("float32")
+    layer = GemmaRMSNormalization(epsilon=1e-6)
+    layer.build(x.shape)
+    layer.scale.assign(scale)
+    expected = x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + 1e-6)
+    expected = expected * (1 + scale)
+    np.testing.assert_allclose(_numpy(layer(x)), expected, atol=1e-5)
+
+
+def test_rms_normalization_computes_in_float32_under_bfloat16():
+    x = np.full((1, 4), 300.0, dtype="float32")
+    layer = GemmaRMSNormalization(dtype="bfloat16")
+    y = layer(keras.ops.cast(x, "bfloat16"))
+    assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
+    np.testing.assert_allclose(_numpy(keras.ops.cast(y, "float32")), 1.0)
+
+
+@pytest.mark.parametrize("scaling_factor", [1.0, 8.0])
+def test_rotary_embedding_half_split(scaling_factor):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 5, 3, 8)).astype("float32")
+    positions = np.array([[0, 1, 2, 3, 4], [0, 0, 1, 2, 9]])
+    layer = RotaryEmbedding(max_wavelength=100.0, scaling_factor=scaling_factor)
+    inverse_frequency = 1 / 100.0 ** (np.arange(0, 8, 2) / 8) / scaling_factor
+    angles = positions[..., None, None] * inverse_frequency
+    x1, x2 = x[..., :4], x[..., 4:]
+    cos, sin = np.cos(angles), np.sin(angles)
+    expected = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+    np.testing.assert_allclose(
+        _numpy(layer(x, positions=positions)), expected, atol=1e-5
+    )
+
+
+def test_rotary_embedding_rejects_non_positive_settings():
+    with pytest.raises(ValueError, match="max_wavelength"):
+        RotaryEmbedding(max_wavelength=0)
+    with pytest.raises(ValueError, match="scaling_factor"):
+        RotaryEmbedding(scaling_factor=-1)
+
+
+def test_tied_embedding_scales_and_soft_caps():
+    layer = TiedTokenEmbedding(input_dim=7, output_dim=4, logit_soft_cap=2.0)
+    layer.build((None, None))
+    table = np.random.default_rng(2).normal(size=(7, 4)).astype("float32") * 3
+    layer.embeddings.assign(table)
+    np.testing.assert_allclose(
+        _numpy(layer(np.array([[3, 5]]))), table[[3, 5]][None] * 2.0, atol=1e-6
+    )
+    hidden = np.random.default_rng(3).normal(size=(1, 2, 4)).astype("float32")
+    expected = 2.0 * np.tanh(hidden @ table.T / 2.0)
+    logits = _numpy(layer(hidden, reverse=True))
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+    assert np.abs(logits).max() < 2.0
+
+
+def test_geglu_feedforward():
+    rng = np.random.default_rng(4)
+    layer = GeGLUFeedForward(hidden_dim=6, intermediate_dim=10)
+    layer.build((None, None, 6))
+    gate, up, down = (
+        rng.normal(size=v.shape).astype("float32")
+        for v in (layer.gate.kernel, layer.up.kernel, layer.down.kernel)
+    )
+    layer.gate.kernel.assign(gate)
+    layer.up.kernel.assign(up)
+    layer.down.kernel.assign(down)
+    x = rng.normal(size=(2, 3, 6)).astype("float32")
+
+    def gelu_tanh(v):
+        return 0.5 * v * (1 + np.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v**3)))
+
+    expected = (gelu_tanh(x @ gate) * (x @ up)) @ down
+    np.testing.assert_allclose(_numpy(layer(x)), expected, atol=1e-4)
+
+
+def _attention_reference(layer, x, positions, allowed):
+    """Grouped-query attention in plain numpy, keys shared across groups."""
+    q = np.einsum("btd,ndh->btnh", x, _numpy(layer.query.kernel))
+    k = np.einsum("btd,kdh->btkh", x, _numpy(layer.key.kernel))
+    v = np.einsum("btd,kdh->btkh", x, _numpy(layer.value.kernel))
+    rope = RotaryEmbedding(layer.rope_max_wavelength)
+    q, k = _numpy(rope(q, positions=positions)), _numpy(rope(k, positions=positions))
+    groups = layer.num_query_heads // layer.num_key_value_heads
+    k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
+    logits = np.einsum("btnh,bsnh->bnts", q, k) / math.sqrt(layer.query_pre_attn_scalar)
+    if layer.logit_soft_cap:
+        logits = layer.logit_soft_cap * np.tanh(logits / layer.logit_soft_cap)
+    logits = np.where(allowed[:, None], logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    out = np.einsum("bnts,bsnh->btnh", weights, v)
+    return np.einsum("btnh,nhd->btd", out, _numpy(layer.attention_output.kernel))
+
+
+@pytest.mark.parametrize("soft_cap", [None, 3.0])
+def test_grouped_query_attention_with_window(soft_cap):
+    rng = np.random.default_rng(5)
+    layer = GemmaAttention(
+        hidden_dim=12,
+        num_query_heads=4,
+        num_key_value_heads=2,
+        head_dim=6,
+        query_pre_attn_scalar=10,
+        attention_type="local",
+        sliding_window_size=2,
+        logit_soft_cap=soft_cap,
+    )
+    layer.build((None, None, 12))
+    for variable in layer.weights:
+        variable.assign(rng.normal(size=variable.shape).astype("float32"))
+    x = rng.normal(size=(1, 5, 12)).astype("float32")
+    positions = np.arange(5)[None]
+    columns = np.arange(5)
+    allowed = (columns[None, :] <= columns[:, None]) & (
+        columns[None, :] > columns[:, None] - 2
+    )
+    out, (keys, values) = layer(x, positions=positions, attention_mask=allowed[None])
+    assert tuple(keys.shape) == (1, 5, 2, 6)
+    np.testing.assert_allclose(
+        _numpy(out),
+        _attention_reference(layer, x, positions, allowed[None]),
+        atol=1e-4,
+    )
+
+
+def test_attention_rejects_bad_configuration():
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        GemmaAttention(
+            8,
+            num_query_heads=3,
+            num_key_value_heads=2,
+            head_dim=4,
+            query_pre_attn_scalar=4,
+        )
+    with pytest.raises(ValueError, match="attention_type"):
+        GemmaAttention(8, 2, 1, 4, 4, attention_type="sliding")
+    with pytest.raises(ValueError, match="sliding_window_size"):
+        GemmaAttention(8, 2, 1, 4, 4, attention_type="local")
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        GemmaRMSNormalization(epsilon=1e-5),
+        RotaryEmbedding(max_wavelength=1e6, scaling_factor=8.0),
+        TiedTokenEmbedding(input_dim=9, output_dim=4, logit_soft_cap=30.0),
+        GeGLUFeedForward(hidden_dim=4, intermediate_dim=8),
+        GemmaAttention(
+            8,
+            2,
+            1,
+            4,
+            4,
+            attention_type="local",
+            sliding_window_size=3,
+            logit_soft_cap=50.0,
+            use_query_key_norm=True,
+        ),
+    ],
+    ids=lambda layer: type(layer).__name__,
+)
+def test_layer_config_round_trip(layer):
+    config = layer.get_config()
+    restored = type(layer).from_config(config)
+    assert restored.get_config() == config
