@@ -7,13 +7,15 @@ from keras import ops
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
-class TiedTokenEmbedding(keras.layers.Embedding):
+class TiedTokenEmbedding(keras.layers.ReversibleEmbedding):
     """Token embedding tied with the output projection.
 
-    On the way in, looked-up rows are multiplied by `sqrt(output_dim)`; the
-    factor is cast to the compute dtype first, as the reference does. On the
-    way out (`reverse=True`), hidden states are multiplied by the transposed
-    table to give vocabulary logits, optionally soft-capped as
+    Built on Keras's `ReversibleEmbedding`, so LoRA and int8/int4
+    quantization of the table work in both directions. On the way in,
+    looked-up rows are multiplied by `sqrt(output_dim)`; the factor is cast
+    to the compute dtype first, as the reference does. On the way out
+    (`reverse=True`), hidden states are multiplied by the transposed table
+    and returned as float32 logits, optionally soft-capped as
     `cap * tanh(logits / cap)` in float32.
 
     Args:
@@ -37,32 +39,42 @@ class TiedTokenEmbedding(keras.layers.Embedding):
                 scale=1.0, mode="fan_in", distribution="untruncated_normal"
             ),
         )
-        super().__init__(input_dim, output_dim, **kwargs)
-        self.logit_soft_cap = logit_soft_cap
+        # The soft-cap is applied here, in float32, not by the parent class.
+        kwargs.pop("tie_weights", None)
+        kwargs.pop("reverse_dtype", None)
+        super().__init__(
+            input_dim, output_dim, tie_weights=True, logit_soft_cap=None, **kwargs
+        )
+        self.final_logit_soft_cap = logit_soft_cap
 
     def call(self, inputs, reverse=False):
-        if reverse:
-            return self.project(inputs)
-        embedded = super().call(inputs)
-        scale = ops.cast(math.sqrt(self.output_dim), embedded.dtype)
-        return embedded * scale
+        return self._finish(super().call(inputs, reverse=reverse), reverse)
 
-    def project(self, hidden):
-        """Maps hidden states `(..., output_dim)` to float32 logits."""
-        table = ops.cast(self.embeddings, hidden.dtype)
-        logits = ops.matmul(hidden, ops.transpose(table))
-        logits = ops.cast(logits, "float32")
-        if self.logit_soft_cap is not None:
-            cap = float(self.logit_soft_cap)
+    def quantized_call(self, inputs, reverse=False):
+        return self._finish(super().quantized_call(inputs, reverse=reverse), reverse)
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        # The parent refuses subclasses unless told the subclass is ready.
+        super().quantize(mode, type_check=False, config=config)
+
+    def _finish(self, outputs, reverse):
+        if not reverse:
+            return outputs * ops.cast(math.sqrt(self.output_dim), outputs.dtype)
+        logits = ops.cast(outputs, "float32")
+        if self.final_logit_soft_cap is not None:
+            cap = float(self.final_logit_soft_cap)
             logits = ops.tanh(logits / cap) * cap
         return logits
 
-    def compute_output_shape(self, input_shape, reverse=False):
+    def compute_output_spec(self, inputs, reverse=False):
+        spec = super().compute_output_spec(inputs, reverse=reverse)
         if reverse:
-            return tuple(input_shape[:-1]) + (self.input_dim,)
-        return super().compute_output_shape(input_shape)
+            return keras.KerasTensor(spec.shape, dtype="float32")
+        return spec
 
     def get_config(self):
         config = super().get_config()
-        config.update({"logit_soft_cap": self.logit_soft_cap})
+        for key in ("tie_weights", "reverse_dtype"):
+            config.pop(key, None)
+        config["logit_soft_cap"] = self.final_logit_soft_cap
         return config
