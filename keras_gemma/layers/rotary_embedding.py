@@ -44,6 +44,10 @@ class RotaryEmbedding(keras.layers.Layer):
             )
         self.max_wavelength = float(max_wavelength)
         self.scaling_factor = float(scaling_factor)
+        self.built = True  # no weights
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Left unquantized: this layer is tiny and precision-critical."""
 
     def cos_sin(self, positions, head_dim):
         """Returns `(cos, sin)` of shape `(batch, length, 1, head_dim)`."""

@@ -7,6 +7,7 @@ from keras_gemma.layers.attention import ATTENTION_TYPES
 from keras_gemma.layers.decoder_block import GemmaDecoderBlock
 from keras_gemma.layers.rms_normalization import GemmaRMSNormalization
 from keras_gemma.layers.token_embedding import TiedTokenEmbedding
+from keras_gemma.models import lora
 
 
 def _per_attention_type(value, name):
@@ -59,6 +60,9 @@ class GemmaBackbone(keras.Model):
             type, e.g. `{"global": 1e6, "local": 1e4}` for Gemma 3.
         rope_scaling_factor: RoPE linear scaling, a number or such a dict.
         layer_norm_epsilon: epsilon of every RMS norm.
+        lora: LoRA settings `{"rank", "alpha", "target_names"}` to enable at
+            construction (how a saved LoRA model restores its adapters); use
+            `enable_lora` otherwise.
         dtype: a Keras dtype or dtype policy, e.g. `"bfloat16"`.
 
     Inputs are a dict `{"token_ids": (batch, length) int,
@@ -100,6 +104,7 @@ class GemmaBackbone(keras.Model):
         rope_max_wavelength=10000.0,
         rope_scaling_factor=1.0,
         layer_norm_epsilon=1e-6,
+        lora=None,
         dtype=None,
         **kwargs,
     ):
@@ -213,7 +218,12 @@ class GemmaBackbone(keras.Model):
         self.final_norm = GemmaRMSNormalization(
             epsilon=layer_norm_epsilon, dtype=policy, name="final_norm"
         )
+        self.lora_settings = None
         self.build(None)
+        if lora:
+            self.enable_lora(
+                lora["rank"], target_names=lora["target_names"], alpha=lora["alpha"]
+            )
 
     def build(self, input_shape=None):
         if self.built:
@@ -346,13 +356,113 @@ class GemmaBackbone(keras.Model):
             new_caches.append(cache)
         return self.final_norm(hidden), new_caches
 
+    # -- LoRA -----------------------------------------------------------------
+
+    def enable_lora(self, rank, target_names=None, alpha=None):
+        """Adds low-rank adapters and makes them the only trainable weights.
+
+        Args:
+            rank: rank of each adapter, a positive integer.
+            target_names: projections to adapt in every layer, from
+                `"query"`, `"key"`, `"value"`, `"attention_output"`,
+                `"gate"`, `"up"`, `"down"`. Default query and value.
+            alpha: adapter scaling numerator (`alpha / rank`). Default `rank`.
+
+        Example:
+
+        >>> backbone = GemmaBackbone(vocabulary_size=50, num_layers=2,
+        ...     num_query_heads=2, num_key_value_heads=1, hidden_dim=16,
+        ...     intermediate_dim=32, head_dim=8)
+        >>> backbone.enable_lora(rank=4)
+        >>> sorted({w.path.split("/")[-2] for w in backbone.trainable_weights})
+        ['query', 'value']
+        """
+        lora.enable_lora(self, rank, target_names=target_names, alpha=alpha)
+
+    def save_lora_weights(self, path):
+        """Saves only the adapters, keyed by layer path, to a safetensors file."""
+        lora.save_lora_weights(self, path)
+
+    def load_lora_weights(self, path):
+        """Restores adapters saved by `save_lora_weights`, matched by layer path;
+        enables LoRA with the saved settings if needed."""
+        lora.load_lora_weights(self, path)
+
+    def merge_lora_weights(self):
+        """Returns a new backbone without adapters, whose kernels include them."""
+        return lora.merge_lora_weights(self)
+
+    # -- distribution ---------------------------------------------------------
+
+    def get_layout_map(
+        self,
+        device_mesh,
+        model_parallel_dim_name="model",
+        data_parallel_dim_name="batch",
+    ):
+        """A `keras.distribution.LayoutMap` for `ModelParallel` on `device_mesh`.
+
+        The embedding table is split over vocabulary rows, attention
+        projections over heads (over the hidden axis when there are fewer
+        heads than devices on the model axis, as with multi-query keys and
+        values), and the feed-forward weights over their intermediate axis.
+        Norms are replicated.
+
+        Example:
+
+        >>> import keras
+        >>> backbone = GemmaBackbone(vocabulary_size=64, num_layers=1,
+        ...     num_query_heads=2, num_key_value_heads=1, hidden_dim=16,
+        ...     intermediate_dim=32, head_dim=8)
+        >>> devices = keras.distribution.list_devices()[:1]
+        >>> mesh = keras.distribution.DeviceMesh((1, 1), ["batch", "model"],
+        ...                                      devices * 1)
+        >>> layout_map = backbone.get_layout_map(mesh)
+        >>> tuple(layout_map["token_embedding/embeddings"].axes)
+        ('model', None)
+        """
+        names = tuple(device_mesh.axis_names)
+        for argument, name in (
+            ("model_parallel_dim_name", model_parallel_dim_name),
+            ("data_parallel_dim_name", data_parallel_dim_name),
+        ):
+            if name not in names:
+                raise ValueError(
+                    f"`{argument}` is {name!r} but the device mesh has axes "
+                    f"{list(names)}; name one of them."
+                )
+        model = model_parallel_dim_name
+        model_size = device_mesh.shape[names.index(model)]
+
+        def heads_or_hidden(heads, heads_axis, hidden_axis, rank=3):
+            axes = [None] * rank
+            axes[heads_axis if heads % model_size == 0 else hidden_axis] = model
+            return tuple(axes)
+
+        layout_map = keras.distribution.LayoutMap(device_mesh)
+        layout_map["token_embedding/embeddings"] = (model, None)
+        layout_map["attention/query/kernel"] = heads_or_hidden(
+            self.num_query_heads, 0, 1
+        )
+        layout_map["attention/(key|value)/kernel"] = heads_or_hidden(
+            self.num_key_value_heads, 0, 1
+        )
+        layout_map["attention/attention_output/kernel"] = heads_or_hidden(
+            self.num_query_heads, 0, 2
+        )
+        layout_map["ffw/(gate|up)/kernel"] = (None, model)
+        layout_map["ffw/down/kernel"] = (model, None)
+        return layout_map
+
     # -- configuration ------------------------------------------------------
 
     def get_config(self):
         return {
             "name": self.name,
             "trainable": self.trainable,
-            "dtype": keras.saving.serialize_keras_object(self.dtype_policy),
+            # The policy's name, not `serialize_keras_object`, which imports
+            # TensorFlow whenever it is installed.
+            "dtype": self.dtype_policy.name,
             "vocabulary_size": self.vocabulary_size,
             "num_layers": self.num_layers,
             "num_query_heads": self.num_query_heads,
@@ -371,6 +481,7 @@ class GemmaBackbone(keras.Model):
             "rope_max_wavelength": dict(self.rope_max_wavelength),
             "rope_scaling_factor": dict(self.rope_scaling_factor),
             "layer_norm_epsilon": self.layer_norm_epsilon,
+            "lora": self.lora_settings,
         }
 
     @classmethod
