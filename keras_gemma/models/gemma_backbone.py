@@ -414,11 +414,10 @@ class GemmaBackbone(keras.Model):
         >>> backbone = GemmaBackbone(vocabulary_size=64, num_layers=1,
         ...     num_query_heads=2, num_key_value_heads=1, hidden_dim=16,
         ...     intermediate_dim=32, head_dim=8)
-        >>> devices = keras.distribution.list_devices()[:1]
         >>> mesh = keras.distribution.DeviceMesh((1, 1), ["batch", "model"],
-        ...                                      devices * 1)
+        ...                                      ["cpu:0"])
         >>> layout_map = backbone.get_layout_map(mesh)
-        >>> tuple(layout_map["token_embedding/embeddings"].axes)
+        >>> tuple(layout_map["gemma_backbone/token_embedding/embeddings"].axes)
         ('model', None)
         """
         names = tuple(device_mesh.axis_names)
@@ -439,19 +438,20 @@ class GemmaBackbone(keras.Model):
             axes[heads_axis if heads % model_size == 0 else hidden_axis] = model
             return tuple(axes)
 
+        # Keys are regular expressions matched against whole variable paths.
         layout_map = keras.distribution.LayoutMap(device_mesh)
-        layout_map["token_embedding/embeddings"] = (model, None)
-        layout_map["attention/query/kernel"] = heads_or_hidden(
+        layout_map[r".*/token_embedding/embeddings"] = (model, None)
+        layout_map[r".*/attention/query/kernel"] = heads_or_hidden(
             self.num_query_heads, 0, 1
         )
-        layout_map["attention/(key|value)/kernel"] = heads_or_hidden(
+        layout_map[r".*/attention/(key|value)/kernel"] = heads_or_hidden(
             self.num_key_value_heads, 0, 1
         )
-        layout_map["attention/attention_output/kernel"] = heads_or_hidden(
+        layout_map[r".*/attention/attention_output/kernel"] = heads_or_hidden(
             self.num_query_heads, 0, 2
         )
-        layout_map["ffw/(gate|up)/kernel"] = (None, model)
-        layout_map["ffw/down/kernel"] = (model, None)
+        layout_map[r".*/ffw/(gate|up)/kernel"] = (None, model)
+        layout_map[r".*/ffw/down/kernel"] = (model, None)
         return layout_map
 
     # -- configuration ------------------------------------------------------
