@@ -21,8 +21,8 @@ class GemmaRMSNormalization(keras.layers.Layer):
     >>> import numpy as np
     >>> norm = GemmaRMSNormalization()
     >>> y = norm(np.array([[3.0, 4.0]], dtype="float32"))
-    >>> np.round(keras.ops.convert_to_numpy(y), 4).tolist()
-    [[0.8485, 1.1314]]
+    >>> [round(v, 4) for v in keras.ops.convert_to_numpy(y)[0].tolist()]
+    [0.8485, 1.1314]
     """
 
     def __init__(self, epsilon=1e-6, **kwargs):
