@@ -119,4 +119,5 @@ def test_mesh_without_named_axes_is_rejected():
     with pytest.raises(ValueError, match="data_parallel_dim_name"):
         backbone.get_layout_map(mesh)
     layout_map = backbone.get_layout_map(mesh, data_parallel_dim_name="data")
-    assert tuple(layout_map["backbone/decoder_block_0/ffw/down/kernel"].axes) == ("model", None)
+    down = layout_map["backbone/decoder_block_0/ffw/down/kernel"]
+    assert tuple(down.axes) == ("model", None)
