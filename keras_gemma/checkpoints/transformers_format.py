@@ -133,7 +133,13 @@ def backbone_config_from_transformers(config):
             config.get("sliding_window") if "local" in layer_types else None
         ),
         "query_pre_attn_scalar": config.get("query_pre_attn_scalar") or head_dim,
-        "attention_logit_soft_cap": config.get("attn_logit_softcapping"),
+        # transformers' Gemma 3 keeps `attn_logit_softcapping` in its config
+        # but never applies it; so neither do we.
+        "attention_logit_soft_cap": (
+            None
+            if model_type == "gemma3_text"
+            else config.get("attn_logit_softcapping")
+        ),
         "final_logit_soft_cap": config.get("final_logit_softcapping"),
         "use_query_key_norm": model_type == "gemma3_text",
         "use_post_attention_norm": has_post_norms,
@@ -249,3 +255,149 @@ def to_variable_layout(tensor, variable, transform):
 def to_transformers_layout(array, transform):
     """Converts one of our variable values to the transformers layout."""
     return np.ascontiguousarray(TRANSFORMS[transform][1](array))
+
+
+# -- export ---------------------------------------------------------------
+
+_EXPORT_CLASSES = {
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+}
+
+
+def _export_model_type(backbone):
+    """The transformers `model_type` that represents `backbone` exactly."""
+    post_attention = backbone.use_post_attention_norm
+    post_ffw = backbone.use_post_ffw_norm
+    if backbone.use_query_key_norm:
+        if not (post_attention and post_ffw):
+            raise ValueError(
+                "transformers has no Gemma with QK-norm but without both "
+                "post-norms: this backbone cannot be exported (Gemma 3 has "
+                "`use_query_key_norm`, `use_post_attention_norm` and "
+                "`use_post_ffw_norm` all True)."
+            )
+        return "gemma3_text"
+    if post_attention and post_ffw:
+        return "gemma2"
+    if post_attention or post_ffw:
+        raise ValueError(
+            "transformers' Gemma models have both post-norms (Gemma 2, 3) or "
+            "neither (Gemma 1); this backbone has only one and cannot be exported."
+        )
+    unsupported = []
+    if "local" in backbone.layer_types:
+        unsupported.append("local (sliding-window) layers")
+    if backbone.attention_logit_soft_cap or backbone.final_logit_soft_cap:
+        unsupported.append("soft-caps")
+    if backbone.query_pre_attn_scalar != backbone.head_dim:
+        unsupported.append("`query_pre_attn_scalar` other than `head_dim`")
+    if unsupported:
+        raise ValueError(
+            "A backbone without post-norms exports as transformers' Gemma 1, which "
+            f"has no {', '.join(unsupported)}: this configuration cannot be exported."
+        )
+    return "gemma"
+
+
+def _rope_entry(base, factor):
+    if factor == 1.0:
+        return {"rope_type": "default", "rope_theta": float(base)}
+    return {"rope_type": "linear", "factor": float(factor), "rope_theta": float(base)}
+
+
+def transformers_config_from_backbone(backbone, special_token_ids=None):
+    """A transformers `config.json` dict describing `backbone` exactly.
+
+    Gemma 1 configurations become `gemma`, those with post-norms `gemma2`,
+    those with QK-norm `gemma3_text`; key/value heads, sliding windows, the
+    per-layer attention types, soft-caps, the query scaling and RoPE settings
+    are all kept. A configuration transformers cannot express raises
+    `ValueError`.
+
+    Args:
+        backbone: a `GemmaBackbone`.
+        special_token_ids: `{"pad": id, "eos": id, "bos": id}`; Gemma's
+            0, 1, 2 by default.
+
+    Example:
+
+    >>> from keras_gemma import GemmaBackbone
+    >>> backbone = GemmaBackbone(vocabulary_size=64, num_layers=2,
+    ...     num_query_heads=4, num_key_value_heads=2, hidden_dim=16,
+    ...     intermediate_dim=32, head_dim=8, layer_types=["local", "global"],
+    ...     sliding_window_size=4, attention_logit_soft_cap=50.0,
+    ...     use_post_attention_norm=True, use_post_ffw_norm=True)
+    >>> config = transformers_config_from_backbone(backbone)
+    >>> config["model_type"], config["num_key_value_heads"], config["layer_types"]
+    ('gemma2', 2, ['sliding_attention', 'full_attention'])
+    """
+    import keras
+
+    model_type = _export_model_type(backbone)
+    ids = {"pad": 0, "eos": 1, "bos": 2}
+    ids.update({k: v for k, v in (special_token_ids or {}).items() if v is not None})
+    used_types = set(backbone.layer_types)
+    bases = backbone.rope_max_wavelength
+    factors = backbone.rope_scaling_factor
+    config = {
+        "architectures": [_EXPORT_CLASSES[model_type]],
+        "model_type": model_type,
+        "vocab_size": backbone.vocabulary_size,
+        "hidden_size": backbone.hidden_dim,
+        "intermediate_size": backbone.intermediate_dim,
+        "num_hidden_layers": backbone.num_layers,
+        "num_attention_heads": backbone.num_query_heads,
+        "num_key_value_heads": backbone.num_key_value_heads,
+        "head_dim": backbone.head_dim,
+        "rms_norm_eps": backbone.layer_norm_epsilon,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "pad_token_id": ids["pad"],
+        "eos_token_id": ids["eos"],
+        "bos_token_id": ids["bos"],
+        "dtype": keras.backend.standardize_dtype(backbone.variable_dtype),
+    }
+    if model_type == "gemma3_text":
+        if backbone.attention_logit_soft_cap:
+            raise ValueError(
+                "transformers' Gemma 3 does not apply an attention soft-cap (it "
+                "ignores `attn_logit_softcapping`), so a backbone with QK-norm "
+                "and `attention_logit_soft_cap` cannot be exported exactly."
+            )
+        config["rope_parameters"] = {
+            "sliding_attention": _rope_entry(bases["local"], factors["local"]),
+            "full_attention": _rope_entry(bases["global"], factors["global"]),
+        }
+        config["max_position_embeddings"] = 131072
+        config["use_bidirectional_attention"] = False
+    else:
+        settings = {(bases[kind], factors[kind]) for kind in used_types}
+        if len(settings) > 1:
+            raise ValueError(
+                f"transformers' {model_type} uses one RoPE setting for all layers, "
+                f"but this backbone's local and global layers differ "
+                f"(bases {bases}, scaling {factors}): it cannot be exported."
+            )
+        base, factor = settings.pop()
+        config["rope_parameters"] = _rope_entry(base, factor)
+        config["max_position_embeddings"] = 8192
+    if model_type == "gemma":
+        config["hidden_act"] = "gelu_pytorch_tanh"
+    else:
+        config.update(
+            {
+                "query_pre_attn_scalar": backbone.query_pre_attn_scalar,
+                "sliding_window": backbone.sliding_window_size or 4096,
+                "layer_types": [
+                    "sliding_attention" if kind == "local" else "full_attention"
+                    for kind in backbone.layer_types
+                ],
+                "attn_logit_softcapping": backbone.attention_logit_soft_cap,
+                "final_logit_softcapping": backbone.final_logit_soft_cap,
+            }
+        )
+    return config

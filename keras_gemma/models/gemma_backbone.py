@@ -493,17 +493,31 @@ class GemmaBackbone(keras.Model):
 
     @classmethod
     def from_preset(cls, preset, dtype=None):
-        """Builds a backbone from a checkpoint directory.
+        """Builds a backbone with the weights of a checkpoint.
 
         Args:
-            preset: a local Hugging Face transformers directory (config.json
-                and safetensors weights).
-            dtype: the compute and weight dtype, e.g. `"bfloat16"`. Default:
-                Keras's global policy.
+            preset: a built-in preset name (`keras_gemma.list_presets()`), a
+                keras-gemma preset directory, a transformers directory, a
+                keras-hub (Kaggle) preset directory, a `.gguf` file,
+                `hf://owner/name` or `kaggle://owner/model/keras/variation`.
+            dtype: the compute and weight dtype, e.g. `"bfloat16"`. Weights
+                are cast tensor by tensor straight into it.
         """
         from keras_gemma.checkpoints.preset_loading import load_backbone
 
         return load_backbone(preset, dtype=dtype)
+
+    def save_to_preset(self, directory, max_shard_size="5GB"):
+        """Writes config and safetensors weights to `directory`, atomically."""
+        from keras_gemma.checkpoints.preset_loading import save_to_preset
+
+        return save_to_preset(self, directory, max_shard_size=max_shard_size)
+
+    def export_to_transformers(self, directory, max_shard_size="5GB"):
+        """Writes a Hugging Face transformers checkpoint of this backbone."""
+        from keras_gemma.checkpoints.preset_loading import export_to_transformers
+
+        return export_to_transformers(self, directory, max_shard_size=max_shard_size)
 
 
 def _lay_out_cache(tensor, prompt_length, slots):

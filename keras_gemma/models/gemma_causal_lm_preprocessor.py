@@ -125,7 +125,15 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
     def from_preset(cls, preset, **kwargs):
         """A preprocessor on the vocabulary of a checkpoint (see
         `GemmaTokenizer.from_preset` for the accepted forms)."""
-        return cls(GemmaTokenizer.from_preset(preset), **kwargs)
+        from keras_gemma.checkpoints.preset_loading import load_preprocessor
+
+        return load_preprocessor(preset, **kwargs)
+
+    def save_to_preset(self, directory):
+        """Writes the tokenizer and packing settings into a preset directory."""
+        from keras_gemma.checkpoints.preset_loading import save_to_preset
+
+        return save_to_preset(self, directory)
 
     # ------------------------------------------------------------- packing
 

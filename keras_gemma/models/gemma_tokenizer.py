@@ -269,48 +269,23 @@ class GemmaTokenizer(keras.layers.Layer):
         """Loads the vocabulary of a checkpoint.
 
         Args:
-            preset: one of
-                - a transformers directory holding `tokenizer.model`;
-                - a keras-hub (Kaggle) preset directory holding
-                  `assets/tokenizer/vocabulary.spm`;
-                - a `.gguf` file (or a directory holding exactly one), whose
-                  vocabulary is rebuilt into a SentencePiece model;
-                - a SentencePiece model file (`.model`, `.spm`).
+            preset: a built-in preset name, a keras-gemma preset directory, a
+                transformers directory (`tokenizer.model`), a keras-hub
+                (Kaggle) preset directory, a `.gguf` file (its vocabulary is
+                rebuilt into a SentencePiece model), a SentencePiece model
+                file (`.model`, `.spm`), `hf://owner/name` or
+                `kaggle://owner/model/keras/variation`.
             **kwargs: passed to the constructor.
         """
-        path = os.fspath(preset)
-        if os.path.isdir(path):
-            for relative in (
-                "tokenizer.model",
-                os.path.join("assets", "tokenizer", "vocabulary.spm"),
-                "vocabulary.spm",
-            ):
-                candidate = os.path.join(path, relative)
-                if os.path.isfile(candidate):
-                    return cls(proto=candidate, **kwargs)
-            ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
-            if len(ggufs) == 1:
-                path = os.path.join(path, ggufs[0])
-            else:
-                raise ValueError(
-                    f"No Gemma vocabulary in the directory {path!r}: expected "
-                    "tokenizer.model (transformers), assets/tokenizer/vocabulary.spm "
-                    "(keras-hub) or a single .gguf file"
-                    + (f"; found {len(ggufs)} .gguf files." if ggufs else ".")
-                )
-        if not os.path.isfile(path):
-            raise ValueError(
-                f"`preset` must be a directory or a file; nothing exists at {path!r}."
-            )
-        with open(path, "rb") as handle:
-            magic = handle.read(4)
-        if magic == b"GGUF":
-            from keras_gemma.checkpoints.gguf_vocabulary import (
-                gguf_to_sentencepiece_proto,
-            )
+        from keras_gemma.checkpoints.preset_loading import load_tokenizer
 
-            return cls(proto=gguf_to_sentencepiece_proto(path), **kwargs)
-        return cls(proto=path, **kwargs)
+        return load_tokenizer(preset, **kwargs)
+
+    def save_to_preset(self, directory):
+        """Writes the vocabulary into a keras-gemma preset directory."""
+        from keras_gemma.checkpoints.preset_loading import save_to_preset
+
+        return save_to_preset(self, directory)
 
     # -------------------------------------------------------------- vocabulary
 

@@ -424,11 +424,11 @@ def test_keras_file_round_trip(tmp_path, tiny_proto):
 
 def test_from_preset(tmp_path, tiny_proto, tiny_model_dir, tiny_tokenizer):
     expected = tiny_tokenizer.tokenize(SAMPLE_TEXTS)
-    # transformers directory, keras-hub preset directory, the file itself.
+    # A directory with tokenizer.model, keras-hub's tokenizer asset layout,
+    # the file itself. Whole checkpoints are tested in tests/checkpoints.
     keras_hub = tmp_path / "keras_hub_preset"
     (keras_hub / "assets" / "tokenizer").mkdir(parents=True)
     (keras_hub / "assets" / "tokenizer" / "vocabulary.spm").write_bytes(tiny_proto)
-    (keras_hub / "config.json").write_text("{}")
     for preset in (
         tiny_model_dir,
         str(tiny_model_dir),
@@ -438,9 +438,9 @@ def test_from_preset(tmp_path, tiny_proto, tiny_model_dir, tiny_tokenizer):
         assert GemmaTokenizer.from_preset(preset).tokenize(SAMPLE_TEXTS) == expected
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match="No Gemma vocabulary in the directory"):
+    with pytest.raises(ValueError, match="not a checkpoint"):
         GemmaTokenizer.from_preset(empty)
-    with pytest.raises(ValueError, match="nothing exists"):
+    with pytest.raises(ValueError, match="no such file or directory"):
         GemmaTokenizer.from_preset(tmp_path / "nowhere")
 
 
