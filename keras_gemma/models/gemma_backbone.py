@@ -63,6 +63,9 @@ class GemmaBackbone(keras.Model):
         lora: LoRA settings `{"rank", "alpha", "target_names"}` to enable at
             construction (how a saved LoRA model restores its adapters); use
             `enable_lora` otherwise.
+        quantization: `"int8"` or `"int4"` to build the projections and the
+            embedding quantized (how a saved quantized model restores its
+            layout); use `quantize` otherwise.
         dtype: a Keras dtype or dtype policy, e.g. `"bfloat16"`.
 
     Inputs are a dict `{"token_ids": (batch, length) int,
@@ -105,6 +108,7 @@ class GemmaBackbone(keras.Model):
         rope_scaling_factor=1.0,
         layer_norm_epsilon=1e-6,
         lora=None,
+        quantization=None,
         dtype=None,
         **kwargs,
     ):
@@ -220,6 +224,8 @@ class GemmaBackbone(keras.Model):
         )
         self.lora_settings = None
         self.build(None)
+        if quantization:
+            self.quantize(quantization)
         if lora:
             self.enable_lora(
                 lora["rank"], target_names=lora["target_names"], alpha=lora["alpha"]
@@ -482,6 +488,7 @@ class GemmaBackbone(keras.Model):
             "rope_scaling_factor": dict(self.rope_scaling_factor),
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "lora": self.lora_settings,
+            "quantization": self.token_embedding.quantization_mode,
         }
 
     @classmethod
