@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_gemma.layers.kv_cache import write_cache
+from keras_gemma.layers.projection import Projection
 from keras_gemma.layers.rms_normalization import GemmaRMSNormalization
 from keras_gemma.layers.rotary_embedding import RotaryEmbedding, apply_rotary
 
@@ -113,25 +114,25 @@ class GemmaAttention(keras.layers.Layer):
         self.layer_norm_epsilon = layer_norm_epsilon
 
         policy = self.dtype_policy
-        self.query = keras.layers.EinsumDense(
+        self.query = Projection(
             "btd,ndh->btnh",
             output_shape=(None, num_query_heads, head_dim),
             dtype=policy,
             name="query",
         )
-        self.key = keras.layers.EinsumDense(
+        self.key = Projection(
             "bsd,kdh->bskh",
             output_shape=(None, num_key_value_heads, head_dim),
             dtype=policy,
             name="key",
         )
-        self.value = keras.layers.EinsumDense(
+        self.value = Projection(
             "bsd,kdh->bskh",
             output_shape=(None, num_key_value_heads, head_dim),
             dtype=policy,
             name="value",
         )
-        self.attention_output = keras.layers.EinsumDense(
+        self.attention_output = Projection(
             "btnh,nhd->btd",
             output_shape=(None, hidden_dim),
             dtype=policy,

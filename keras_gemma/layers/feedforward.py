@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_gemma.layers.projection import Projection
+
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
 class GeGLUFeedForward(keras.layers.Layer):
@@ -24,19 +26,19 @@ class GeGLUFeedForward(keras.layers.Layer):
         super().__init__(**kwargs)
         self.hidden_dim = hidden_dim
         self.intermediate_dim = intermediate_dim
-        self.gate = keras.layers.EinsumDense(
+        self.gate = Projection(
             "btd,df->btf",
             output_shape=(None, intermediate_dim),
             dtype=self.dtype_policy,
             name="gate",
         )
-        self.up = keras.layers.EinsumDense(
+        self.up = Projection(
             "btd,df->btf",
             output_shape=(None, intermediate_dim),
             dtype=self.dtype_policy,
             name="up",
         )
-        self.down = keras.layers.EinsumDense(
+        self.down = Projection(
             "btf,fd->btd",
             output_shape=(None, hidden_dim),
             dtype=self.dtype_policy,
