@@ -1,4 +1,5 @@
-"""The `keras-gemma` command: generate text, list presets, convert checkpoints.
+"""The `keras-gemma` command: generate text, list presets, convert checkpoints,
+benchmark.
 
 Examples:
 
@@ -9,6 +10,7 @@ keras-gemma generate --stream --max-new-tokens 64 "Once upon a time"
 keras-gemma presets
 keras-gemma convert hf://google/gemma-2-2b ./gemma2_2b            # our format
 keras-gemma convert ./gemma2_2b ./gemma2_2b_hf --to transformers
+keras-gemma bench --batch-size 1 4 --output bench.json   # speed and memory
 ```
 
 `rich` (optional) draws the preset table and a spinner while loading.
@@ -173,6 +175,59 @@ def _convert_command(args, out):
     return 0
 
 
+# -- bench ----------------------------------------------------------------
+
+
+def _bench_command(args, out):
+    from keras_gemma import benchmark
+
+    for name in ("batch_size", "prompt_length", "repeats", "threads", "fit_steps"):
+        values = getattr(args, name)
+        values = values if isinstance(values, list) else [values]
+        if any(value is not None and value < 1 for value in values):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if args.new_tokens < 2:
+        raise ValueError("--new-tokens must be at least 2 (one prefill, one decode)")
+    if args.fit_steps < 2:
+        raise ValueError("--fit-steps must be at least 2 (one is a warm-up)")
+
+    def log(message):
+        print(message, file=sys.stderr, flush=True)
+
+    report = benchmark.run(
+        model=args.model,
+        backends=args.backend or [None],
+        dtype=args.dtype,
+        quantize=args.quantize,
+        batch_sizes=args.batch_size,
+        prompt_lengths=args.prompt_length,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        threads=args.threads,
+        lora=not args.no_lora,
+        fit_length=args.fit_length,
+        fit_steps=args.fit_steps,
+        in_process=args.in_process,
+        log=log,
+    )
+    out.write(benchmark.format_table(report["results"]) + "\n")
+    out.write(benchmark.describe_machine(report["machine"]) + "\n")
+    for result in report["results"]:
+        if "error" in result:
+            out.write(
+                f"error ({result.get('backend')}, batch {result.get('batch_size')}, "
+                f"prompt {result.get('prompt_length')}): {result['error']}\n"
+            )
+        elif "lora_error" in result:
+            out.write(f"LoRA fit failed: {result['lora_error']}\n")
+    if args.output:
+        with open(args.output, "w") as file:
+            json.dump(report, file, indent=2)
+            file.write("\n")
+        out.write(f"Wrote {args.output}.\n")
+    return 1 if any("error" in result for result in report["results"]) else 0
+
+
 def build_parser():
     """The argument parser of `keras-gemma` (subcommands can be added to it).
 
@@ -233,6 +288,64 @@ def build_parser():
         "--max-shard-size", default="5GB", help="largest weight file (5GB)"
     )
     convert.set_defaults(handler=_convert_command)
+
+    bench = commands.add_parser(
+        "bench",
+        help="measure cold start, prefill and decode speed, memory, a LoRA step",
+        description=(
+            "Measures keras-gemma on this machine, one fresh process per "
+            "configuration: cold start to the first token, prefill and decode "
+            "tokens/s (stopping disabled), peak resident memory, key/value "
+            "cache bytes, that a new prompt length in the same bucket does "
+            "not recompile, and a LoRA fit step. Prints a table; --output "
+            "writes JSON."
+        ),
+    )
+    bench.add_argument(
+        "--model",
+        "--preset",
+        dest="model",
+        default=DEFAULT_PRESET,
+        help=(
+            "preset name or path, or a random architecture: gemma3_270m or tiny "
+            f"(default: {DEFAULT_PRESET})"
+        ),
+    )
+    bench.add_argument(
+        "--backend",
+        nargs="+",
+        choices=("jax", "tensorflow", "torch"),
+        help="Keras backends to measure (default: KERAS_BACKEND)",
+    )
+    bench.add_argument("--dtype", default="float32", help="e.g. bfloat16 (float32)")
+    bench.add_argument(
+        "--quantize", choices=("int8", "int4"), help="quantize the weights first"
+    )
+    bench.add_argument(
+        "--batch-size", type=int, nargs="+", default=[1], help="one or more (1)"
+    )
+    bench.add_argument(
+        "--prompt-length", type=int, nargs="+", default=[16], help="one or more (16)"
+    )
+    bench.add_argument(
+        "--new-tokens", type=int, default=112, help="tokens generated per row (112)"
+    )
+    bench.add_argument("--repeats", type=int, default=3, help="timed runs (3)")
+    bench.add_argument("--threads", type=int, help="CPU threads for the kernels")
+    bench.add_argument("--no-lora", action="store_true", help="skip the LoRA step")
+    bench.add_argument(
+        "--fit-length", type=int, default=64, help="LoRA training sequence length"
+    )
+    bench.add_argument(
+        "--fit-steps", type=int, default=4, help="LoRA fit steps, one warm-up (4)"
+    )
+    bench.add_argument(
+        "--in-process",
+        action="store_true",
+        help="measure in this process (no import time; peak memory accumulates)",
+    )
+    bench.add_argument("--output", help="write the results to this JSON file")
+    bench.set_defaults(handler=_bench_command)
     return parser
 
 

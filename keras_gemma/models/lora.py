@@ -1,6 +1,7 @@
 """Low-rank adapters (LoRA) on a GemmaBackbone, saved and restored by name."""
 
 import json
+import numbers
 
 import keras
 import numpy as np
@@ -27,6 +28,39 @@ def relative_path(backbone, variable):
     return path[len(prefix) :] if path.startswith(prefix) else path
 
 
+def _check_target_names(target_names):
+    """The list of projection names to adapt, checked before any change."""
+    if target_names is None:
+        return list(DEFAULT_LORA_TARGETS)
+    if isinstance(target_names, (str, bytes)):
+        raise ValueError(
+            "`target_names` must be a list of projection names, e.g. "
+            f"[{target_names!r}], got the string {target_names!r}."
+        )
+    target_names = list(target_names)
+    if not target_names:
+        raise ValueError(
+            "`target_names` is empty: name at least one projection from "
+            f"{sorted(LORA_TARGETS)}, or pass None for {list(DEFAULT_LORA_TARGETS)}."
+        )
+    unknown = []
+    for name in target_names:
+        known = isinstance(name, str) and name in LORA_TARGETS
+        if not known and name not in unknown:
+            unknown.append(name)
+    if unknown:
+        raise ValueError(
+            f"Unknown `target_names` {unknown}; choose from {sorted(LORA_TARGETS)}."
+        )
+    repeated = sorted({name for name in target_names if target_names.count(name) > 1})
+    if repeated:
+        raise ValueError(
+            f"`target_names` names {repeated} more than once; give each "
+            "projection once."
+        )
+    return target_names
+
+
 def enable_lora(backbone, rank, target_names=None, alpha=None):
     """Adds adapters to the target projections and freezes everything else."""
     if backbone.lora_settings is not None:
@@ -34,16 +68,14 @@ def enable_lora(backbone, rank, target_names=None, alpha=None):
             "LoRA is already enabled on this backbone (rank "
             f"{backbone.lora_settings['rank']}); call `enable_lora` once."
         )
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+    if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or rank <= 0:
         raise ValueError(f"`rank` must be a positive integer, got {rank!r}.")
-    if alpha is not None and alpha <= 0:
-        raise ValueError(f"`alpha` must be positive or None, got {alpha!r}.")
-    target_names = list(target_names or DEFAULT_LORA_TARGETS)
-    unknown = sorted(set(target_names) - set(LORA_TARGETS))
-    if unknown:
-        raise ValueError(
-            f"Unknown `target_names` {unknown}; choose from {sorted(LORA_TARGETS)}."
-        )
+    rank = int(rank)
+    if alpha is not None and (
+        not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or alpha <= 0
+    ):
+        raise ValueError(f"`alpha` must be a positive number or None, got {alpha!r}.")
+    target_names = _check_target_names(target_names)
     for variable in backbone.weights:
         variable.trainable = False
     for block in backbone.transformer_layers:

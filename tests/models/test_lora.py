@@ -4,19 +4,9 @@ import keras
 import numpy as np
 import pytest
 
-from keras_gemma import GemmaBackbone, GemmaCausalLM
+from keras_gemma import GemmaCausalLM
+from tests.tiny_configs import tiny_backbone, tiny_config
 
-CONFIG = dict(
-    vocabulary_size=40,
-    num_layers=2,
-    num_query_heads=2,
-    num_key_value_heads=1,
-    hidden_dim=16,
-    intermediate_dim=24,
-    head_dim=8,
-    layer_types=["local", "global"],
-    sliding_window_size=3,
-)
 INPUTS = {
     "token_ids": np.array([[2, 7, 9, 11, 13, 0]]),
     "padding_mask": np.array([[1, 1, 1, 1, 1, 0]]),
@@ -24,11 +14,7 @@ INPUTS = {
 
 
 def _backbone(seed=0, **overrides):
-    backbone = GemmaBackbone(**dict(CONFIG, **overrides))
-    rng = np.random.default_rng(seed)
-    for variable in backbone.weights:
-        variable.assign(rng.normal(0, 0.3, variable.shape).astype("float32"))
-    return backbone
+    return tiny_backbone(seed=seed, **overrides)
 
 
 def _randomize_adapters(backbone, seed=1):
@@ -69,21 +55,48 @@ def test_all_projections_can_be_adapted():
     "kwargs, argument",
     [
         ({"rank": 0}, "rank"),
+        ({"rank": -2}, "rank"),
         ({"rank": 2.0}, "rank"),
+        ({"rank": True}, "rank"),
         ({"rank": 2, "target_names": ["query", "qkv"]}, "target_names"),
+        ({"rank": 2, "target_names": "query"}, "target_names"),
+        ({"rank": 2, "target_names": []}, "target_names"),
+        ({"rank": 2, "target_names": ["query", "value", "query"]}, "target_names"),
         ({"rank": 2, "alpha": -1}, "alpha"),
+        ({"rank": 2, "alpha": "2"}, "alpha"),
     ],
 )
-def test_bad_lora_arguments(kwargs, argument):
-    with pytest.raises(ValueError, match=argument):
-        _backbone().enable_lora(**kwargs)
+def test_bad_lora_arguments_leave_the_backbone_unchanged(kwargs, argument):
+    backbone = _backbone()
+    trainable = len(backbone.trainable_weights)
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        backbone.enable_lora(**kwargs)
+    # Checked before anything changes: nothing frozen, no adapter added, and
+    # a correct call still works.
+    assert backbone.lora_settings is None
+    assert len(backbone.trainable_weights) == trainable == len(backbone.weights)
+    assert not any("lora" in w.path for w in backbone.weights)
+    backbone.enable_lora(rank=2)
+    assert len(backbone.trainable_weights) == 2 * 2 * 2
+
+
+def test_rank_may_be_a_numpy_integer():
+    backbone = _backbone()
+    backbone.enable_lora(rank=np.int64(3))
+    assert backbone.lora_settings["rank"] == 3
+    assert type(backbone.lora_settings["rank"]) is int  # JSON-serializable
+    kernel = backbone.transformer_layers[0].attention.query.lora_kernel_a
+    assert kernel.shape[-1] == 3
 
 
 def test_enable_twice_is_rejected():
     backbone = _backbone()
     backbone.enable_lora(rank=2)
-    with pytest.raises(ValueError, match="already enabled"):
-        backbone.enable_lora(rank=2)
+    adapters = [w.path for w in backbone.trainable_weights]
+    with pytest.raises(ValueError, match="already enabled.*`enable_lora` once"):
+        backbone.enable_lora(rank=4, target_names=["gate"])
+    assert backbone.lora_settings["rank"] == 2
+    assert [w.path for w in backbone.trainable_weights] == adapters
 
 
 def test_adapters_load_by_layer_name_not_position(tmp_path):
@@ -108,7 +121,7 @@ def test_adapters_load_by_layer_name_not_position(tmp_path):
 
 
 def test_adapters_from_another_architecture_are_rejected(tmp_path):
-    trained = _backbone(num_layers=3, layer_types=["local", "global", "global"])
+    trained = _backbone(num_layers=3)
     trained.enable_lora(rank=2)
     path = tmp_path / "adapters.safetensors"
     trained.save_lora_weights(path)
@@ -149,7 +162,8 @@ def test_lora_model_reloads_from_keras_file(tmp_path):
 
 def test_lora_fit_lowers_training_loss():
     rng = np.random.default_rng(3)
-    token_ids = rng.integers(3, 40, size=(8, 12)).astype("int32")
+    vocabulary_size = tiny_config()["vocabulary_size"]
+    token_ids = rng.integers(3, vocabulary_size, size=(8, 12)).astype("int32")
     inputs = {"token_ids": token_ids[:, :-1], "padding_mask": np.ones((8, 11), "int32")}
     labels = token_ids[:, 1:]
     backbone = _backbone()
