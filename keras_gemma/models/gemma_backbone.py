@@ -222,6 +222,12 @@ class GemmaBackbone(keras.Model):
         self.final_norm = GemmaRMSNormalization(
             epsilon=layer_norm_epsilon, dtype=policy, name="final_norm"
         )
+        if quantization not in (None, "int8", "int4"):
+            raise ValueError(
+                '`quantization` must be None, "int8" or "int4"; got '
+                f"{quantization!r}. Other Keras modes (gptq, awq) need "
+                "calibration: call `quantize` on the built model instead."
+            )
         self.lora_settings = None
         self.build(None)
         if quantization:

@@ -1,6 +1,7 @@
 """Gemma causal language model: a backbone plus the tied output projection."""
 
 import numbers
+import re
 from collections.abc import Mapping
 
 import keras
@@ -272,6 +273,39 @@ class GemmaCausalLM(keras.Model):
             if _is_tf_dataset(x):
                 x = x.map(lambda inputs, *rest: inputs)
         return super().predict(x, *args, **kwargs)
+
+    # -- quantization ----------------------------------------------------------
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """Quantizes the backbone's weights, as `keras.Model.quantize` does.
+
+        Arguments are those of `keras.Model.quantize` (`mode` `"int8"` or
+        `"int4"`, or a quantization `config`; `filters` selects layers by
+        name or with a callable). The preprocessor holds no weights and is
+        left alone, so its tokenizer does not warn that it cannot be
+        quantized.
+        """
+        if self.preprocessor is None:
+            return super().quantize(mode, config=config, filters=filters, **kwargs)
+        skipped = {id(layer) for layer in self.preprocessor._flatten_layers()}
+
+        def selected(layer):
+            if id(layer) in skipped:
+                return False
+            if filters is None:
+                return True
+            if isinstance(filters, str):
+                return re.search(filters, layer.name) is not None
+            if isinstance(filters, (list, tuple)):
+                return any(re.search(pattern, layer.name) for pattern in filters)
+            return bool(filters(layer))
+
+        if filters is not None and not (
+            isinstance(filters, (str, list, tuple)) or callable(filters)
+        ):
+            # Let Keras reject it with its own message.
+            return super().quantize(mode, config=config, filters=filters, **kwargs)
+        return super().quantize(mode, config=config, filters=selected, **kwargs)
 
     # -- generation ----------------------------------------------------------
 
