@@ -104,6 +104,13 @@ class _Tee(io.TextIOBase):
     def flush(self):
         self.stream.flush()
 
+    @property
+    def encoding(self):
+        return getattr(self.stream, "encoding", "utf-8")
+
+    def isatty(self):
+        return False
+
 
 def _normalize(text):
     return [line.rstrip() for line in text.strip("\n").splitlines()]
