@@ -54,7 +54,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -63,8 +62,10 @@ BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCHMARKS)
 BACKENDS = ("jax", "tensorflow", "torch")
 BUILTIN = ("gemma3_270m", "tiny")
-RESULT_MARKER = "COMPARE_RESULT "
-PROGRESS_MARKER = "compare: "
+# The markers of keras_gemma.benchmark's process runner, spelled out here:
+# a child measuring keras-hub or transformers does not import keras-gemma.
+RESULT_MARKER = "KERAS_GEMMA_BENCH_RESULT "
+PROGRESS_MARKER = "bench: "
 
 _BOOTSTRAP = (
     "import time; _started = time.time()\n"
@@ -86,76 +87,28 @@ def child_log(message):
 # -- processes -----------------------------------------------------------------
 
 
-def thread_environment(threads, backend):
-    """Environment variables limiting a fresh process's kernel threads."""
-    if not threads:
-        return {}
-    environment = {
-        name: str(threads)
-        for name in (
-            "OMP_NUM_THREADS",
-            "MKL_NUM_THREADS",
-            "TF_NUM_INTRAOP_THREADS",
-            "TF_NUM_INTEROP_THREADS",
-        )
-    }
-    if backend == "jax":
-        environment["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "")
-            + f" --xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'}"
-            + f" intra_op_parallelism_threads={threads}"
-        ).strip()
-    return environment
-
-
 def run_child(kind, spec, backend, threads=None, timeout=None):
     """Runs `child_main(kind, spec)` in a fresh process on `backend` and
-    returns the JSON object it prints; its progress lines are logged."""
-    environment = dict(os.environ)
-    environment["KERAS_BACKEND"] = backend
-    environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    environment.update(thread_environment(threads, backend))
-    environment["PYTHONPATH"] = os.pathsep.join(
-        [ROOT] + [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]
-    )
+    returns the JSON object it prints; its progress lines are logged.
+
+    The process is run by keras_gemma.benchmark's runner; only this parent
+    imports that module (its standard-library parts): a child measuring
+    keras-hub or transformers must not import keras-gemma.
+    """
+    sys.path.insert(0, ROOT)
+    from keras_gemma import benchmark
+
     spec = dict(spec, spawned_at=time.time())
-    process = subprocess.Popen(
-        [sys.executable, "-c", _BOOTSTRAP, kind, json.dumps(spec)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=environment,
-        text=True,
-    )
-    tail = []
-
-    def read_errors():
-        for line in process.stderr:
-            if PROGRESS_MARKER in line:
-                log(line.split(PROGRESS_MARKER, 1)[1].rstrip())
-            else:
-                tail.append(line)
-                del tail[:-40]
-
-    reader = threading.Thread(target=read_errors, daemon=True)
-    reader.start()
-    timer = threading.Timer(timeout, process.kill) if timeout else None
-    if timer:
-        timer.start()
-    output = process.stdout.read()
-    process.wait()
-    reader.join()
-    if timer:
-        timer.cancel()
-    for line in reversed(output.splitlines()):
-        if line.startswith(RESULT_MARKER):
-            result = json.loads(line[len(RESULT_MARKER) :])
-            if "error" in result:
-                result["stderr_tail"] = "".join(tail[-15:])
-            return result
-    return {
-        "error": f"exit status {process.returncode}, no result",
-        "stderr_tail": "".join(tail[-15:]),
-    }
+    try:
+        return benchmark.run_python(
+            _BOOTSTRAP,
+            [kind, json.dumps(spec)],
+            benchmark.child_environment(backend, threads),
+            log=log,
+            timeout=timeout,
+        )
+    except RuntimeError as error:  # crashed or killed before a result
+        return {"error": str(error)}
 
 
 def child_main(kind, spec, started):
@@ -960,8 +913,18 @@ def _table(header, rows, markdown):
     )
 
 
+def _cold_cells(runs):
+    """Median cold start and largest peak RSS of some cold-start runs."""
+    if not runs:
+        return ["-", "-"]
+    return [
+        f"{statistics.median(r['cold_start_s'] for r in runs):.1f}",
+        f"{max(r['peak_rss_mb'] for r in runs):.0f}",
+    ]
+
+
 def speed_table(report, markdown=False):
-    """One row per backend and implementation, then the ratios."""
+    """One row per backend and implementation, then notes on keras-gemma."""
     header = [
         "backend",
         "implementation",
@@ -974,7 +937,7 @@ def speed_table(report, markdown=False):
         "LoRA step s",
         "same tokens",
     ]
-    rows, ratios = [], []
+    rows, notes = [], []
     for backend, entry in report["backends"].items():
         steady = entry["steady"].get("implementations", {})
         cold = {}
@@ -984,22 +947,15 @@ def speed_table(report, markdown=False):
                 cold.setdefault(key, []).append(result)
         labels = list(steady)
         ours = steady[labels[0]] if labels else None
-        for label in labels:
-            result = steady[label]
-            matching = [
-                runs
-                for (name, weights), runs in cold.items()
-                if name == label and weights == result["weights_from"]
-            ]
-            cold_runs = matching[0] if matching else []
+        fastest_ours = max(
+            (r for r in steady.values() if r["family"] == "keras-gemma"),
+            key=lambda r: r["decode_tokens_per_s"],
+            default=None,
+        )
+        for label, result in steady.items():
             ratio = None
-            if ours and label != labels[0]:
-                reference = ours
-                if result["family"] == "llama.cpp":
-                    reference = max(
-                        (r for r in steady.values() if r["family"] == "keras-gemma"),
-                        key=lambda r: r["decode_tokens_per_s"],
-                    )
+            if label != labels[0]:
+                reference = fastest_ours if result["family"] == "llama.cpp" else ours
                 ratio = reference["decode_tokens_per_s"] / result["decode_tokens_per_s"]
             rows.append(
                 [
@@ -1009,49 +965,27 @@ def speed_table(report, markdown=False):
                     _format(result.get("decode_tokens_per_s"), "{:.1f}"),
                     _format(ratio, "{:.2f}x"),
                     _format(result.get("first_call_s"), "{:.1f}"),
-                    _format(
-                        statistics.median(r["cold_start_s"] for r in cold_runs)
-                        if cold_runs
-                        else None,
-                        "{:.1f}",
-                    ),
-                    _format(
-                        max(r["peak_rss_mb"] for r in cold_runs) if cold_runs else None,
-                        "{:.0f}",
-                    ),
+                    *_cold_cells(cold.pop((label, result["weights_from"]), [])),
                     _format(result.get("lora_fit_step_s"), "{:.2f}"),
                     _format(result.get("tokens_match_reference"), "{:.0%}"),
                 ]
             )
+        # Cold starts of configurations not timed in the worker.
         for (label, weights), runs in cold.items():
-            if not any(
-                label == name and weights == steady[name]["weights_from"]
-                for name in labels
-                if name in steady
-            ):
-                rows.append(
-                    [
-                        backend,
-                        f"{label} ({weights})",
-                        "",
-                        "",
-                        "",
-                        "",
-                        f"{statistics.median(r['cold_start_s'] for r in runs):.1f}",
-                        f"{max(r['peak_rss_mb'] for r in runs):.0f}",
-                        "",
-                        "",
-                    ]
-                )
+            row = [backend, f"{label} ({weights})", "", "", "", ""]
+            rows.append(row + _cold_cells(runs) + ["", ""])
         if ours and "split_decode_tokens_per_s" in ours:
-            ratios.append(
-                f"{backend}: {labels[0]} on its compiled prefill / decode calls: "
+            notes.append(
+                f"{backend}: {labels[0]} on its compiled prefill and decode calls: "
                 f"prefill {ours['split_prefill_tokens_per_s']:.1f} tok/s, "
                 f"decode {ours['split_decode_tokens_per_s']:.1f} tok/s; "
                 f"a {ours.get('second_prompt_length')}-token prompt compiled "
-                f"{ours.get('new_traces')} new programs"
+                f"{ours.get('new_traces')} new programs."
             )
-    return _table(header, rows, markdown) + "\n\n" + "\n".join(ratios)
+        failed = entry["steady"].get("error")
+        if failed:
+            notes.append(f"{backend}: the worker failed: {failed}")
+    return _table(header, rows, markdown) + "\n\n" + "\n".join(notes)
 
 
 def scaling_table(report, markdown=False):
@@ -1133,11 +1067,20 @@ def markdown_section(report, kind):
         f"Command: `{report['command']}`",
         "",
         f"Machine: {describe_machine(machine) if machine else 'unknown'}.",
-        f"Measured: {time.strftime('%Y-%m-%d %H:%M %Z')}.",
-        "",
-        table,
+        f"Measured: {time.strftime('%Y-%m-%d %H:%M %Z')}, "
+        f"{report.get('seconds', 0) / 60:.0f} minutes.",
     ]
-    return "\n".join(lines)
+    for backend, entry in report["backends"].items():
+        info = (
+            entry.get("steady", {}).get("machine") if isinstance(entry, dict) else None
+        )
+        if info:
+            lines.append(
+                f"During the {backend} worker: load average "
+                f"{info.get('load_average', ['?'])[0]}, numpy read "
+                f"{info.get('memory_bandwidth_gb_per_s', '?')} GB/s."
+            )
+    return "\n".join(lines + ["", table])
 
 
 def update_results(path, report, kind):

@@ -99,8 +99,8 @@ DEFAULTS = {
     "seed": 0,
 }
 
-_RESULT_MARKER = "KERAS_GEMMA_BENCH_RESULT "
-_PROGRESS_MARKER = "bench: "
+RESULT_MARKER = "KERAS_GEMMA_BENCH_RESULT "
+PROGRESS_MARKER = "bench: "
 # A fresh interpreter: note the time first, then import (that is timed).
 _BOOTSTRAP = (
     "import time; _started = time.time()\n"
@@ -110,8 +110,9 @@ _BOOTSTRAP = (
 )
 
 
-def _log(message):
-    print(_PROGRESS_MARKER + message, file=sys.stderr, flush=True)
+def progress(message):
+    """Reports progress from a measuring process to its parent's log."""
+    print(PROGRESS_MARKER + message, file=sys.stderr, flush=True)
 
 
 # -- machine -------------------------------------------------------------------
@@ -650,7 +651,7 @@ def _child_main(spec, started):
     try:
         result = measure(
             spec,
-            log=_log,
+            log=progress,
             spawned=spec.get("spawned_at"),
             started=started,
             imported=imported,
@@ -660,7 +661,7 @@ def _child_main(spec, started):
 
         traceback.print_exc()
         result = {"error": f"{type(error).__name__}: {error}"}
-    print(_RESULT_MARKER + json.dumps(result), flush=True)
+    print(RESULT_MARKER + json.dumps(result), flush=True)
     sys.exit(1 if "error" in result else 0)
 
 
@@ -687,11 +688,11 @@ def child_environment(backend=None, threads=None):
 
 def run_python(code, argv=(), environment=None, log=None, timeout=None):
     """Runs `python -c code *argv` in a fresh process and returns the JSON
-    object it prints after `_RESULT_MARKER` (with `spawned_at` available to
-    the child as part of `argv[0]` when that is a JSON spec).
+    object it prints after `RESULT_MARKER`.
 
-    Lines the child writes to stderr starting with `bench: ` are passed to
-    `log`; the rest is kept and shown if the child fails.
+    Lines the child writes to stderr through `progress` are passed to
+    `log`; the rest is kept and shown if the child fails (the last lines
+    are in the result's `stderr_tail` when it reports an error).
     """
     log = log or (lambda message: None)
     process = subprocess.Popen(
@@ -705,8 +706,8 @@ def run_python(code, argv=(), environment=None, log=None, timeout=None):
 
     def read_errors():
         for line in process.stderr:
-            if _PROGRESS_MARKER in line:
-                log(line.split(_PROGRESS_MARKER, 1)[1].rstrip())
+            if PROGRESS_MARKER in line:
+                log(line.split(PROGRESS_MARKER, 1)[1].rstrip())
             else:
                 tail.append(line)
                 del tail[:-40]
@@ -723,8 +724,8 @@ def run_python(code, argv=(), environment=None, log=None, timeout=None):
         timer.cancel()
     result = None
     for line in output.splitlines():
-        if line.startswith(_RESULT_MARKER):
-            result = json.loads(line[len(_RESULT_MARKER) :])
+        if line.startswith(RESULT_MARKER):
+            result = json.loads(line[len(RESULT_MARKER) :])
     if result is None:
         raise RuntimeError(
             f"The measuring process exited with status {process.returncode} "
@@ -805,6 +806,8 @@ def run(
                     result = measure_in_fresh_process(
                         spec, backend=backend, log=log, timeout=timeout
                     )
+                    if "error" in result:  # say which configuration failed
+                        result = {**spec, "backend": backend, **result}
                 report["results"].append(result)
     return report
 

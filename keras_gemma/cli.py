@@ -181,11 +181,16 @@ def _convert_command(args, out):
 def _bench_command(args, out):
     from keras_gemma import benchmark
 
-    for name in ("batch_size", "prompt_length", "repeats", "threads", "fit_steps"):
-        values = getattr(args, name)
-        values = values if isinstance(values, list) else [values]
-        if any(value is not None and value < 1 for value in values):
-            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    numbers = {
+        "--batch-size": min(args.batch_size),
+        "--prompt-length": min(args.prompt_length),
+        "--repeats": args.repeats,
+        "--threads": args.threads or 1,
+        "--fit-length": args.fit_length,
+    }
+    for flag, value in numbers.items():
+        if value < 1:
+            raise ValueError(f"{flag} must be positive")
     if args.new_tokens < 2:
         raise ValueError("--new-tokens must be at least 2 (one prefill, one decode)")
     if args.fit_steps < 2:
@@ -205,6 +210,7 @@ def _bench_command(args, out):
         repeats=args.repeats,
         threads=args.threads,
         lora=not args.no_lora,
+        retrace_check=not args.no_retrace_check,
         fit_length=args.fit_length,
         fit_steps=args.fit_steps,
         in_process=args.in_process,
@@ -333,6 +339,11 @@ def build_parser():
     bench.add_argument("--repeats", type=int, default=3, help="timed runs (3)")
     bench.add_argument("--threads", type=int, help="CPU threads for the kernels")
     bench.add_argument("--no-lora", action="store_true", help="skip the LoRA step")
+    bench.add_argument(
+        "--no-retrace-check",
+        action="store_true",
+        help="skip checking that a second prompt length compiles nothing new",
+    )
     bench.add_argument(
         "--fit-length", type=int, default=64, help="LoRA training sequence length"
     )

@@ -65,30 +65,42 @@ def tiny_config(family="gemma3", **overrides):
     return config
 
 
-def randomize_weights(model, seed=0, std=0.3, embedding_std=None):
-    """Draws every weight of `model` from N(0, std), cast to its dtype.
+def randomize_weights(model, seed=0, std=0.3, embedding_std=None, norm_std=None):
+    """Draws every weight of `model` from N(0, std), cast to its dtype, in
+    the order of `model.weights`.
 
     `embedding_std` sets a different spread for the token embedding: a
     small one (e.g. 0.02) keeps a tied-embedding model from repeating its
     input token, so greedy generation produces varied sequences.
+    `norm_std` does the same for the norm scales.
     """
     rng = np.random.default_rng(seed)
     for variable in model.weights:
         spread = std
         if embedding_std is not None and "token_embedding" in variable.path:
             spread = embedding_std
+        elif norm_std is not None and "norm" in variable.path:
+            spread = norm_std
         value = rng.normal(0, spread, variable.shape).astype("float32")
         variable.assign(keras.ops.cast(value, variable.dtype))
     return model
 
 
 def tiny_backbone(
-    family="gemma3", seed=0, std=0.3, embedding_std=None, dtype=None, **overrides
+    family="gemma3",
+    seed=0,
+    std=0.3,
+    embedding_std=None,
+    norm_std=None,
+    dtype=None,
+    **overrides,
 ):
     """A `GemmaBackbone` of `tiny_config(family, **overrides)` with random
     weights (see `randomize_weights`)."""
     backbone = GemmaBackbone(**tiny_config(family, **overrides), dtype=dtype)
-    return randomize_weights(backbone, seed=seed, std=std, embedding_std=embedding_std)
+    return randomize_weights(
+        backbone, seed=seed, std=std, embedding_std=embedding_std, norm_std=norm_std
+    )
 
 
 def tiny_causal_lm(
@@ -96,6 +108,7 @@ def tiny_causal_lm(
     seed=0,
     std=0.3,
     embedding_std=None,
+    norm_std=None,
     dtype=None,
     preprocessor=None,
     **overrides,
@@ -107,6 +120,7 @@ def tiny_causal_lm(
         seed=seed,
         std=std,
         embedding_std=embedding_std,
+        norm_std=norm_std,
         dtype=dtype,
         **overrides,
     )

@@ -34,6 +34,7 @@ scaling: Gemma 3's defaults apply (local base 10k, every sixth layer global,
 queries scaled by head_dim except the 27B's hidden/heads).
 """
 
+import concurrent.futures
 import mmap
 import os
 import struct
@@ -259,13 +260,44 @@ class GGUFFile:
         rows = count // row
         raw = np.frombuffer(self._map, np.uint8, rows * row_bytes, start)
         try:
-            values = dequantize(raw.reshape(rows, row_bytes), quant_type)
+            values = _dequantize(raw.reshape(rows, row_bytes), quant_type, dequantize)
         except NotImplementedError as error:
             raise ValueError(
                 f"Tensor {name!r} of {self.path} is {quant_type.name}, which "
                 "gguf.quants cannot dequantize."
             ) from error
         return np.asarray(values, np.float32).reshape(shape)
+
+
+# Rows dequantized per numpy call: gguf.quants works on 16 rows at a time,
+# which for the 262,144-row embedding table is 16,384 small calls.
+_DEQUANTIZE_CHUNK_BYTES = 4 << 20
+
+
+def _dequantize(raw_rows, quant_type, dequantize):
+    """`gguf.quants.dequantize` of `(rows, row_bytes)` blocks, in large
+    chunks spread over the CPU cores (numpy releases the GIL)."""
+    import gguf.quants
+
+    quant_class = getattr(gguf.quants, quant_type.name, None)
+    if quant_class is None or not hasattr(quant_class, "dequantize_rows"):
+        return dequantize(raw_rows, quant_type)
+    if hasattr(quant_class, "init_grid"):
+        quant_class.init_grid()
+    rows, row_bytes = raw_rows.shape
+    step = max(1, _DEQUANTIZE_CHUNK_BYTES // row_bytes)
+    first = quant_class.dequantize_rows(raw_rows[:step])
+    out = np.empty((rows, first.shape[-1]), np.float32)
+    out[: len(first)] = first
+
+    def fill(begin):
+        out[begin : begin + step] = quant_class.dequantize_rows(
+            raw_rows[begin : begin + step]
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        list(pool.map(fill, range(step, rows, step)))
+    return out
 
 
 def _key(metadata, architecture, name, default=None):

@@ -167,9 +167,9 @@ def _tokenizer_proto(checkpoint):
             )
         with open(path, "rb") as file:
             return file.read()
-    from keras_gemma.checkpoints.gguf_vocabulary import gguf_to_sentencepiece_proto
+    from keras_gemma.checkpoints.gguf_vocabulary import cached_sentencepiece_proto
 
-    return gguf_to_sentencepiece_proto(checkpoint.path)
+    return cached_sentencepiece_proto(checkpoint.path)
 
 
 def _bare_vocabulary_file(preset):

@@ -61,7 +61,13 @@ def uninitialized_backbone(config, dtype=None):
 
     from keras_gemma.models.gemma_backbone import GemmaBackbone
 
-    if not _supports_deferred_variables():
+    # On PyTorch, quantizing (as a config with `quantization` does at
+    # construction) re-tracks the layers' parameters, which needs them
+    # initialized.
+    quantized_on_torch = (
+        config.get("quantization") and keras.backend.backend() == "torch"
+    )
+    if quantized_on_torch or not _supports_deferred_variables():
         backbone = GemmaBackbone(**config, dtype=dtype)
         yield backbone
         return

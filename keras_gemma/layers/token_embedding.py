@@ -5,8 +5,6 @@ import math
 import keras
 from keras import ops
 
-from keras_gemma.layers.projection import default_quantization_config
-
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
 class TiedTokenEmbedding(keras.layers.ReversibleEmbedding):
@@ -71,9 +69,7 @@ class TiedTokenEmbedding(keras.layers.ReversibleEmbedding):
 
     def quantize(self, mode=None, type_check=True, config=None):
         # The parent refuses subclasses unless told the subclass is ready.
-        super().quantize(
-            mode, type_check=False, config=default_quantization_config(mode, config)
-        )
+        super().quantize(mode, type_check=False, config=config)
 
     def _finish(self, outputs, reverse):
         if not reverse:

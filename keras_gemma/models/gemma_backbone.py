@@ -8,6 +8,10 @@ from keras_gemma.layers.decoder_block import GemmaDecoderBlock
 from keras_gemma.layers.rms_normalization import GemmaRMSNormalization
 from keras_gemma.layers.token_embedding import TiedTokenEmbedding
 from keras_gemma.models import lora
+from keras_gemma.models.quantization import (
+    QUANTIZATION_MODES,
+    with_gemma_quantize_defaults,
+)
 
 
 def _per_attention_type(value, name):
@@ -222,13 +226,14 @@ class GemmaBackbone(keras.Model):
         self.final_norm = GemmaRMSNormalization(
             epsilon=layer_norm_epsilon, dtype=policy, name="final_norm"
         )
-        if quantization not in (None, "int8", "int4"):
+        if quantization is not None and quantization not in QUANTIZATION_MODES:
             raise ValueError(
                 '`quantization` must be None, "int8" or "int4"; got '
                 f"{quantization!r}. Other Keras modes (gptq, awq) need "
                 "calibration: call `quantize` on the built model instead."
             )
         self.lora_settings = None
+        with_gemma_quantize_defaults(self)
         self.build(None)
         if quantization:
             self.quantize(quantization)

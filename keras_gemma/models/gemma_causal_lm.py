@@ -10,6 +10,7 @@ import numpy as np
 from keras_gemma.generation import samplers as samplers_lib
 from keras_gemma.generation.decode_loop import DecodeEngine
 from keras_gemma.generation.streaming import TextStreamer
+from keras_gemma.models.quantization import with_gemma_quantize_defaults
 
 # `<end_of_turn>` in every published Gemma vocabulary (256000 / 262144
 # pieces); used for `stop_token_ids="auto"` when there is no tokenizer.
@@ -132,12 +133,16 @@ class GemmaCausalLM(keras.Model):
     """
 
     def __init__(self, backbone, preprocessor=None, instruction_tuned=False, **kwargs):
+        # The backbone's policy, not the global one: under mixed_float16 the
+        # model's `compile` then wraps the optimizer for loss scaling.
+        kwargs.setdefault("dtype", backbone.dtype_policy)
         super().__init__(**kwargs)
         self.backbone = backbone
         self.preprocessor = preprocessor
         self.instruction_tuned = bool(instruction_tuned)
         self._decode_engine = None
         self.sampler = samplers_lib.GreedySampler()
+        with_gemma_quantize_defaults(self)
         # The backbone builds its weights at construction: so is this model.
         self.built = bool(getattr(backbone, "built", False))
         self.compile()
@@ -280,10 +285,18 @@ class GemmaCausalLM(keras.Model):
         """Quantizes the backbone's weights, as `keras.Model.quantize` does.
 
         Arguments are those of `keras.Model.quantize` (`mode` `"int8"` or
-        `"int4"`, or a quantization `config`; `filters` selects layers by
-        name or with a callable). The preprocessor holds no weights and is
-        left alone, so its tokenizer does not warn that it cannot be
-        quantized.
+        `"int4"`, or a quantization `config` of one of those modes; `filters`
+        selects layers by name or with a callable). The preprocessor holds
+        no weights and is left alone, so its tokenizer does not warn that it
+        cannot be quantized.
+
+        `"int8"` without a config quantizes the weights only (see
+        `keras_gemma.models.quantization.resolve_quantization_config`).
+        Other Keras modes are refused before anything changes: `"float8"`
+        would quantize the projections but not the tied embedding, leaving
+        a model whose config does not record it (so it cannot be reloaded),
+        and `"gptq"` / `"awq"` need a calibration structure this model does
+        not define.
         """
         if self.preprocessor is None:
             return super().quantize(mode, config=config, filters=filters, **kwargs)

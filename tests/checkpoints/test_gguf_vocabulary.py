@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
+from keras_gemma.checkpoints import gguf_vocabulary
 from keras_gemma.checkpoints.gguf_vocabulary import (
     build_sentencepiece_proto,
+    cached_sentencepiece_proto,
     gguf_to_sentencepiece_proto,
     read_gguf_metadata,
     read_gguf_vocabulary,
@@ -178,3 +180,40 @@ def test_build_rejects_inconsistent_vocabularies():
     tokenizer = GemmaTokenizer(proto=proto)
     assert tokenizer.tokenize("abba") == [6, 5, 4]
     assert tokenizer.tokenize("<bos>c") == [2, 3]  # c is unknown, no bytes
+
+
+def test_rebuilt_vocabulary_is_cached_beside_the_file(
+    tiny_gguf_path, tmp_path, monkeypatch
+):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(open(tiny_gguf_path, "rb").read())
+    expected = gguf_to_sentencepiece_proto(path)
+
+    assert cached_sentencepiece_proto(path) == expected
+    written = [name for name in os.listdir(tmp_path) if name != "model.gguf"]
+    assert len(written) == 1 and written[0].endswith(".tokenizer.model")
+
+    # The second load reads the cache instead of rebuilding.
+    def rebuild(_):
+        raise AssertionError("rebuilt although cached")
+
+    monkeypatch.setattr(gguf_vocabulary, "gguf_to_sentencepiece_proto", rebuild)
+    assert cached_sentencepiece_proto(path) == expected
+
+    # A changed file gets its own cache entry, not the stale one.
+    monkeypatch.undo()
+    os.utime(path, ns=(1, 1))
+    assert cached_sentencepiece_proto(path) == expected
+    assert len(os.listdir(tmp_path)) == 3
+
+
+def test_unwritable_directory_means_no_cache(tiny_gguf_path, tmp_path, monkeypatch):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(open(tiny_gguf_path, "rb").read())
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("read-only")
+
+    monkeypatch.setattr(gguf_vocabulary.os, "replace", refuse)
+    assert cached_sentencepiece_proto(path) == gguf_to_sentencepiece_proto(path)
+    assert os.listdir(tmp_path) == ["model.gguf"]

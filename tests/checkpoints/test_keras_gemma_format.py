@@ -209,3 +209,19 @@ def test_loaded_variables_are_fully_initialized(tmp_path):
         logits(backbone, token_ids, padding_mask),
     )
     assert all(variable.trainable for variable in reloaded.weights)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_preset_reloads_quantized_with_identical_outputs(tmp_path, mode):
+    lm = tiny_causal_lm(sequence_length=12)
+    lm.quantize(mode)
+    lm.save_to_preset(tmp_path / "preset")
+    reloaded = GemmaCausalLM.from_preset(tmp_path / "preset")
+
+    assert reloaded.backbone.get_config()["quantization"] == mode
+    kernel = reloaded.backbone.transformer_layers[0].attention.query._kernel
+    assert keras.backend.standardize_dtype(kernel.dtype) == "int8"
+    token_ids, padding_mask = batch(lm.backbone.vocabulary_size)
+    np.testing.assert_array_equal(
+        logits(reloaded, token_ids, padding_mask), logits(lm, token_ids, padding_mask)
+    )
