@@ -103,25 +103,7 @@ def tiny_backbone(
     )
 
 
-def tiny_causal_lm(
-    family="gemma3",
-    seed=0,
-    std=0.3,
-    embedding_std=None,
-    norm_std=None,
-    dtype=None,
-    preprocessor=None,
-    **overrides,
-):
-    """A `GemmaCausalLM` around `tiny_backbone(...)`; without a preprocessor
-    unless one is given."""
-    backbone = tiny_backbone(
-        family,
-        seed=seed,
-        std=std,
-        embedding_std=embedding_std,
-        norm_std=norm_std,
-        dtype=dtype,
-        **overrides,
-    )
-    return GemmaCausalLM(backbone, preprocessor)
+def tiny_causal_lm(family="gemma3", preprocessor=None, **kwargs):
+    """A `GemmaCausalLM` around `tiny_backbone(family, **kwargs)`; without a
+    preprocessor unless one is given."""
+    return GemmaCausalLM(tiny_backbone(family, **kwargs), preprocessor)
