@@ -91,9 +91,11 @@ def run_child(kind, spec, backend, threads=None, timeout=None):
     """Runs `child_main(kind, spec)` in a fresh process on `backend` and
     returns the JSON object it prints; its progress lines are logged.
 
-    The process is run by keras_gemma.benchmark's runner; only this parent
-    imports that module (its standard-library parts): a child measuring
-    keras-hub or transformers must not import keras-gemma.
+    The process is run by keras_gemma.benchmark's runner. Importing it
+    loads keras_gemma, and so Keras, in this parent, which stays idle while
+    the children measure; the children themselves import keras-gemma only
+    when they measure it (a child timing keras-hub or transformers must
+    not).
     """
     sys.path.insert(0, ROOT)
     from keras_gemma import benchmark

@@ -236,7 +236,6 @@ class GGUFFile:
         try:
             from gguf import GGMLQuantizationType
             from gguf.constants import GGML_QUANT_SIZES
-            from gguf.quants import dequantize
         except ImportError as error:
             raise ImportError(
                 f"Tensor {name!r} of {self.path} is quantized; reading it needs the "
@@ -260,7 +259,7 @@ class GGUFFile:
         rows = count // row
         raw = np.frombuffer(self._map, np.uint8, rows * row_bytes, start)
         try:
-            values = _dequantize(raw.reshape(rows, row_bytes), quant_type, dequantize)
+            values = _dequantize(raw.reshape(rows, row_bytes), quant_type)
         except NotImplementedError as error:
             raise ValueError(
                 f"Tensor {name!r} of {self.path} is {quant_type.name}, which "
@@ -274,14 +273,14 @@ class GGUFFile:
 _DEQUANTIZE_CHUNK_BYTES = 4 << 20
 
 
-def _dequantize(raw_rows, quant_type, dequantize):
+def _dequantize(raw_rows, quant_type):
     """`gguf.quants.dequantize` of `(rows, row_bytes)` blocks, in large
     chunks spread over the CPU cores (numpy releases the GIL)."""
     import gguf.quants
 
     quant_class = getattr(gguf.quants, quant_type.name, None)
     if quant_class is None or not hasattr(quant_class, "dequantize_rows"):
-        return dequantize(raw_rows, quant_type)
+        return gguf.quants.dequantize(raw_rows, quant_type)
     if hasattr(quant_class, "init_grid"):
         quant_class.init_grid()
     rows, row_bytes = raw_rows.shape

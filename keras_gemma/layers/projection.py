@@ -97,8 +97,8 @@ class Projection(keras.layers.EinsumDense):
     product is computed changes. The float product, and the int8 product
     when only the weights are quantized, run as (batched) matrix products
     that read the kernel where it is stored (see `projection_as_matmul`);
-    with int8 weights the conversion to the compute dtype is fused into
-    the product by XLA.
+    a single int8 row uses `_single_row_product`, whose conversion XLA
+    fuses into the reduction.
 
     Example:
 

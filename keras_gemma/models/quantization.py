@@ -12,10 +12,11 @@ def resolve_quantization_config(mode, config):
 
     `"int8"` without a config quantizes the weights only: activations stay
     in floating point. That is more accurate than also quantizing the
-    activations (Keras's default), and faster on CPUs, where XLA fuses the
-    int8-to-float conversion into the matrix product while int8 x int8
-    products are not vectorized. Pass a `keras.quantizers.
-    Int8QuantizationConfig` to choose otherwise.
+    activations (Keras's default). It is not faster everywhere: on XLA for
+    CPU the tied output projection runs about 3x faster than in float32,
+    but the layers' kernels, contracted over their leading axis, run at
+    about float32 speed (see `benchmarks/RESULTS.md`). Pass a
+    `keras.quantizers.Int8QuantizationConfig` to choose otherwise.
     """
     if mode == "int8" and config is None:
         from keras.quantizers import Int8QuantizationConfig
