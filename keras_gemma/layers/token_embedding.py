@@ -5,6 +5,8 @@ import math
 import keras
 from keras import ops
 
+from keras_gemma.layers import storage_layout
+
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
 class TiedTokenEmbedding(keras.layers.ReversibleEmbedding):
@@ -48,14 +50,16 @@ class TiedTokenEmbedding(keras.layers.ReversibleEmbedding):
         self.final_logit_soft_cap = logit_soft_cap
 
     def build(self, input_shape=None):
-        if keras.backend.backend() != "torch":
+        if storage_layout.is_half_precision(self.compute_dtype):
             return super().build(input_shape)
-        # Stored column-major on PyTorch: the output projection then reads
-        # the table as a row-major `(hidden, vocabulary)` matrix, a product
-        # MKL runs about twice as fast per token as the transposed one.
-        # Assignments copy into the same storage, so the layout stays.
+        # Stored column-major in float32 on PyTorch: the output projection
+        # then reads the table as a row-major `(hidden, vocabulary)` matrix,
+        # a product MKL runs about twice as fast per token as the transposed
+        # one. In 16 bits the row-major table is the fast one.
         initializer = self.embeddings_initializer
-        self.embeddings_initializer = _column_major(initializer)
+        self.embeddings_initializer = storage_layout.initializer_with_memory_order(
+            initializer, (1, 0)
+        )
         try:
             super().build(input_shape)
         finally:
@@ -66,6 +70,20 @@ class TiedTokenEmbedding(keras.layers.ReversibleEmbedding):
 
     def quantized_call(self, inputs, reverse=False):
         return self._finish(super().quantized_call(inputs, reverse=reverse), reverse)
+
+    def _int8_call(self, inputs, reverse=False):
+        if not reverse or self.inputs_quantizer is not None:
+            return super()._int8_call(inputs, reverse=reverse)
+        # Weights only: multiply by the converted table, transposed. XLA on
+        # CPU then fuses the conversion into the product (one byte read per
+        # weight); Keras's mixed int8-float product writes a float32 copy of
+        # the table first (measured: 10.7 ms against 57 ms per token for the
+        # 270M model, 30 ms in float32).
+        table, inputs = storage_layout.converted_where_used(
+            self._embeddings.value, inputs, self.compute_dtype
+        )
+        logits = ops.matmul(inputs, ops.transpose(table))
+        return ops.divide(logits, ops.cast(self.embeddings_scale, logits.dtype))
 
     def quantize(self, mode=None, type_check=True, config=None):
         # The parent refuses subclasses unless told the subclass is ready.
@@ -92,12 +110,3 @@ class TiedTokenEmbedding(keras.layers.ReversibleEmbedding):
             config.pop(key, None)
         config["logit_soft_cap"] = self.final_logit_soft_cap
         return config
-
-
-def _column_major(initializer):
-    """Wraps a PyTorch-backend initializer to return column-major tables."""
-
-    def initialize(shape, dtype=None):
-        return initializer(shape, dtype=dtype).t().contiguous().t()
-
-    return initialize

@@ -187,3 +187,24 @@ def test_layer_config_round_trip(layer):
     config = layer.get_config()
     restored = type(layer).from_config(config)
     assert restored.get_config() == config
+
+
+def test_tied_embedding_int8_weights_only_logits_match_keras():
+    """The weights-only int8 output projection is computed differently from
+    Keras's `ReversibleEmbedding` (converted table, transposed): same logits."""
+    from keras.quantizers import Int8QuantizationConfig
+
+    table = np.random.default_rng(5).normal(size=(13, 4)).astype("float32")
+    hidden = np.random.default_rng(6).normal(size=(1, 3, 4)).astype("float32")
+    ours = TiedTokenEmbedding(input_dim=13, output_dim=4)
+    reference = keras.layers.ReversibleEmbedding(13, 4, tie_weights=True)
+    for layer in (ours, reference):
+        layer.build((None, None))
+        layer.embeddings.assign(table)
+        layer.quantize("int8", config=Int8QuantizationConfig(activation_quantizer=None))
+    expected = _numpy(reference(hidden, reverse=True))
+    np.testing.assert_allclose(
+        _numpy(ours(hidden, reverse=True)), expected, rtol=1e-5, atol=1e-5
+    )
+    # And close to the float logits: only the table was rounded.
+    np.testing.assert_allclose(expected, hidden @ table.T, rtol=0.05, atol=0.05)

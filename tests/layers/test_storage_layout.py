@@ -1,0 +1,66 @@
+"""Weights stored in the memory layout fast for decoding on PyTorch, with
+the same values and products on every backend."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_gemma.layers.projection import Projection
+from keras_gemma.layers.storage_layout import contracted_axes_innermost
+from keras_gemma.layers.token_embedding import TiedTokenEmbedding
+
+
+def _numpy(x):
+    return keras.ops.convert_to_numpy(keras.ops.cast(x, "float32"))
+
+
+def _memory_order(variable):
+    """The axes of a PyTorch variable from outermost to innermost in memory."""
+    strides = variable.value.stride()
+    return tuple(sorted(range(len(strides)), key=lambda axis: -strides[axis]))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "mixed_bfloat16"])
+@pytest.mark.parametrize(
+    "equation, output_shape, input_shape",
+    [
+        ("btd,df->btf", (None, 12), (1, 1, 8)),
+        ("btd,ndh->btnh", (None, 3, 4), (1, 1, 8)),
+        ("btnh,nhd->btd", (None, 8), (1, 2, 3, 4)),
+    ],
+)
+def test_projection_kernel_layout_and_product(
+    equation, output_shape, input_shape, dtype
+):
+    layer = Projection(equation, output_shape=output_shape, dtype=dtype)
+    layer.build(input_shape)
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=layer.kernel.shape).astype("float32")
+    layer.kernel.assign(kernel)  # as loading a checkpoint does
+    x = rng.normal(size=input_shape).astype("float32")
+    # Round the inputs and kernel as a 16-bit layer does before multiplying.
+    rounded = [_numpy(keras.ops.cast(v, layer.compute_dtype)) for v in (x, kernel)]
+    expected = np.einsum(equation, *rounded)
+    np.testing.assert_allclose(_numpy(layer(x)), expected, rtol=2e-2, atol=2e-2)
+    if keras.backend.backend() == "torch":
+        natural = tuple(range(len(kernel.shape)))
+        fast = contracted_axes_innermost(equation)
+        half = dtype != "float32"
+        assert _memory_order(layer._kernel) == (fast if half else natural)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tied_embedding_table_layout_and_logits(dtype):
+    layer = TiedTokenEmbedding(input_dim=11, output_dim=4, dtype=dtype)
+    layer.build((None, None))
+    rng = np.random.default_rng(1)
+    table = rng.normal(size=(11, 4)).astype("float32")
+    layer.embeddings.assign(table)
+    hidden = rng.normal(size=(1, 2, 4)).astype("float32")
+    rounded = [_numpy(keras.ops.cast(v, dtype)) for v in (hidden, table)]
+    logits = _numpy(layer(hidden, reverse=True))
+    np.testing.assert_allclose(logits, rounded[0] @ rounded[1].T, rtol=2e-2, atol=2e-2)
+    if keras.backend.backend() == "torch":
+        # Column-major in float32 (MKL's fast product), row-major in 16 bits.
+        expected = (1, 0) if dtype == "float32" else (0, 1)
+        assert _memory_order(layer._embeddings) == expected
