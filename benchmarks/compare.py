@@ -680,6 +680,18 @@ def _slug(text):
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[-80:]
 
 
+def write_report(path, report):
+    """Writes the JSON report atomically (a partial one after each backend,
+    so an interrupted run keeps what it measured)."""
+    if not path:
+        return
+    partial = f"{path}.partial"
+    with open(partial, "w") as file:
+        json.dump(report, file, indent=2)
+        file.write("\n")
+    os.replace(partial, path)
+
+
 def speed_comparison(args):
     against = set(args.against)
     if "keras-hub" in against and not _importable("keras_hub"):
@@ -758,6 +770,7 @@ def speed_comparison(args):
             "seconds": time.time() - begin,
         }
         log(f"[{backend}] done in {time.time() - begin:.0f} s")
+        write_report(args.output, report)
     return report
 
 
@@ -893,6 +906,7 @@ def scaling(args):
                     results += bench["results"]
                     report.setdefault("machine", bench["machine"])
         report["backends"][backend] = results
+        write_report(args.output, report)
     return report
 
 
@@ -1177,10 +1191,7 @@ def main(argv=None):
     report["seconds"] = time.time() - begin
     print(speed_table(report) if kind == "speed" else scaling_table(report))
     print(f"\n{kind} run took {report['seconds'] / 60:.1f} min")
-    if args.output:
-        with open(args.output, "w") as file:
-            json.dump(report, file, indent=2)
-            file.write("\n")
+    write_report(args.output, report)
     if args.update_results:
         update_results(args.update_results, report, kind)
     failed = any(
