@@ -117,7 +117,14 @@ def assign(variable, value):
                 f"Cannot assign a value of shape {value.shape} to {variable.path} "
                 f"of shape {tuple(variable.shape)}."
             )
+        order = getattr(variable._initializer, "memory_order", None)
         variable._initializer = lambda shape, dtype=None: value
+        if order is not None:  # the layer's storage layout (PyTorch)
+            from keras_gemma.layers import storage_layout
+
+            variable._initializer = storage_layout.initializer_with_memory_order(
+                variable._initializer, order
+            )
         variable._deferred_initialize()
     else:
         variable.assign(value)

@@ -53,9 +53,12 @@ def initializer_with_memory_order(initializer, order):
     inverse = tuple(sorted(range(len(order)), key=order.__getitem__))
 
     def initialize(shape, dtype=None):
-        value = initializer(shape, dtype=dtype)
+        value = keras.ops.convert_to_tensor(initializer(shape, dtype=dtype), dtype)
         return value.permute(order).contiguous().permute(inverse)
 
+    # Read by checkpoint loading, which replaces a variable's initializer
+    # with the loaded value and must keep the layout.
+    initialize.memory_order = tuple(order)
     return initialize
 
 

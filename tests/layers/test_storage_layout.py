@@ -8,6 +8,7 @@ import pytest
 from keras_gemma.layers.projection import Projection
 from keras_gemma.layers.storage_layout import contracted_axes_innermost
 from keras_gemma.layers.token_embedding import TiedTokenEmbedding
+from tests.tiny_configs import tiny_causal_lm
 
 
 def _numpy(x):
@@ -64,3 +65,29 @@ def test_tied_embedding_table_layout_and_logits(dtype):
         # Column-major in float32 (MKL's fast product), row-major in 16 bits.
         expected = (1, 0) if dtype == "float32" else (0, 1)
         assert _memory_order(layer._embeddings) == expected
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_loading_a_preset_keeps_the_layout_and_the_values(dtype, tmp_path):
+    """Loading replaces each variable's initializer with the checkpoint's
+    value: the layout must survive that, and the values be the float32
+    preset's (rounded to the dtype)."""
+    from keras_gemma import GemmaCausalLM
+
+    tiny_causal_lm().save_to_preset(tmp_path / "tiny")
+    reference = GemmaCausalLM.from_preset(tmp_path / "tiny").backbone
+    loaded = GemmaCausalLM.from_preset(tmp_path / "tiny", dtype=dtype).backbone
+    query = loaded.transformer_layers[0].attention.query
+    expected = reference.transformer_layers[0].attention.query.kernel
+    np.testing.assert_array_equal(
+        _numpy(query.kernel), _numpy(keras.ops.cast(expected, dtype))
+    )
+    np.testing.assert_array_equal(
+        _numpy(loaded.token_embedding.embeddings),
+        _numpy(keras.ops.cast(reference.token_embedding.embeddings, dtype)),
+    )
+    if keras.backend.backend() == "torch":
+        half = dtype != "float32"
+        assert _memory_order(query._kernel) == ((0, 2, 1) if half else (0, 1, 2))
+        table_order = (0, 1) if half else (1, 0)
+        assert _memory_order(loaded.token_embedding._embeddings) == table_order
