@@ -71,12 +71,13 @@ def uninitialized_backbone(config, dtype=None):
         backbone = GemmaBackbone(**config, dtype=dtype)
         yield backbone
         return
+    earlier = _pending_variables()
     with keras.StatelessScope(initialize_variables=False):
         backbone = GemmaBackbone(**config, dtype=dtype)
     try:
         yield backbone
     finally:
-        _finish(backbone)
+        _finish(backbone, earlier)
 
 
 def _supports_deferred_variables():
@@ -89,20 +90,28 @@ def _supports_deferred_variables():
     return _pending_registry() is not None
 
 
-def _finish(backbone):
-    """Initializes what was left unassigned, and removes the backbone's
-    variables from Keras's list of variables awaiting initialization."""
-    own = {id(variable) for variable in backbone.variables}
+def _pending_variables():
+    """Keras's variables awaiting initialization (when a stateless scope
+    ends), as a list."""
+    return list(
+        _pending_registry().get_global_attribute("uninitialized_variables") or []
+    )
+
+
+def _finish(backbone, earlier):
+    """Initializes what was left unassigned, and removes every variable
+    created with the backbone from Keras's list of variables awaiting
+    initialization: its own, now initialized, and those quantization
+    replaced, which would otherwise be initialized (and allocated) for
+    nothing when the next stateless scope ends."""
     for variable in backbone.variables:
         if getattr(variable, "_value", 0) is None:
             variable._deferred_initialize()
-    registry = _pending_registry()
-    pending = registry.get_global_attribute("uninitialized_variables")
-    if pending:
-        registry.set_global_attribute(
-            "uninitialized_variables",
-            [variable for variable in pending if id(variable) not in own],
-        )
+    kept = {id(variable) for variable in earlier}
+    _pending_registry().set_global_attribute(
+        "uninitialized_variables",
+        [variable for variable in _pending_variables() if id(variable) in kept],
+    )
 
 
 def assign(variable, value):

@@ -216,7 +216,11 @@ def test_quantized_preset_reloads_quantized_with_identical_outputs(tmp_path, mod
     lm = tiny_causal_lm(sequence_length=12)
     lm.quantize(mode)
     lm.save_to_preset(tmp_path / "preset")
+    pending_before = _pending_variable_count()
     reloaded = GemmaCausalLM.from_preset(tmp_path / "preset")
+    # The float (and, for int8, EinsumDense-layout) kernels that quantizing
+    # at construction replaced are not left for Keras to initialize later.
+    assert _pending_variable_count() == pending_before
 
     assert reloaded.backbone.get_config()["quantization"] == mode
     kernel = reloaded.backbone.transformer_layers[0].attention.query._kernel
@@ -225,3 +229,9 @@ def test_quantized_preset_reloads_quantized_with_identical_outputs(tmp_path, mod
     np.testing.assert_array_equal(
         logits(reloaded, token_ids, padding_mask), logits(lm, token_ids, padding_mask)
     )
+
+
+def _pending_variable_count():
+    from keras.src.backend.common import global_state
+
+    return len(global_state.get_global_attribute("uninitialized_variables") or [])
