@@ -164,8 +164,7 @@ class Projection(keras.layers.EinsumDense):
         return f"{inputs},{stored}->{output}"
 
     def _int8_as_einsum_layout(self, stored):
-        inverse = sorted(range(len(self._int8_order)), key=self._int8_order.__getitem__)
-        return ops.transpose(stored, inverse)
+        return ops.transpose(stored, storage_layout.inverse_order(self._int8_order))
 
     def _int8_build(self, kernel_shape, config=None):
         super()._int8_build(kernel_shape, config)

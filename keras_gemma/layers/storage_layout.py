@@ -43,6 +43,15 @@ def contracted_axes_innermost(equation):
     return tuple(kept + contracted)
 
 
+def inverse_order(order):
+    """The permutation that undoes `order`.
+
+    >>> inverse_order((2, 0, 1))
+    (1, 2, 0)
+    """
+    return tuple(sorted(range(len(order)), key=order.__getitem__))
+
+
 def initializer_with_memory_order(initializer, order):
     """`initializer`, returning tensors stored with their axes in `order`
     (outermost first) on PyTorch; unchanged on other backends or where
@@ -50,7 +59,7 @@ def initializer_with_memory_order(initializer, order):
     initializer = keras.initializers.get(initializer)
     if keras.backend.backend() != "torch" or tuple(order) == tuple(range(len(order))):
         return initializer
-    inverse = tuple(sorted(range(len(order)), key=order.__getitem__))
+    inverse = inverse_order(order)
 
     def initialize(shape, dtype=None):
         value = keras.ops.convert_to_tensor(initializer(shape, dtype=dtype), dtype)
