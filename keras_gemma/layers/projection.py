@@ -69,23 +69,6 @@ def projection_as_matmul(equation, inputs, kernel):
     return None
 
 
-def _single_row_product(row, kernel):
-    """A single row (batch and length 1) times a kernel whose contracted
-    axes are innermost and whose kept axes are in the output's order, as a
-    multiply and a sum over the innermost axis.
-
-    For a converted int8 kernel, XLA on CPU fuses the conversion into this
-    reduction, reading one byte per weight. A matrix-vector product of the
-    converted kernel writes it as float32 first (measured for the 270M
-    model's 54 feed-forward kernels inside the decode loop: 19.5 ms per
-    step this way, 52 ms as a product; 13 ms in float32).
-    """
-    contracted = math.prod(row.shape[2:])
-    kept = tuple(kernel.shape)[: kernel.ndim - (row.ndim - 2)]
-    products = ops.reshape(row, (1, contracted)) * ops.reshape(kernel, (-1, contracted))
-    return ops.reshape(ops.sum(products, axis=-1), (1, 1) + kept)
-
-
 @keras.saving.register_keras_serializable(package="keras_gemma")
 class Projection(keras.layers.EinsumDense):
     """`keras.layers.EinsumDense` computed as matrix products.
@@ -98,11 +81,10 @@ class Projection(keras.layers.EinsumDense):
       where it is stored (see `projection_as_matmul`);
     - an int8 kernel is stored with its contracted axes last, transposed
       from EinsumDense's layout (the `kernel` property still returns
-      EinsumDense's layout). XLA on CPU fuses the conversion to float into
-      a single row's multiply-and-sum over the innermost axis, reading one
-      byte per weight (see `_single_row_product`). Measured in the decode
-      loop of the 270M model with only the layers in int8: 61.5 ms per
-      token this way, 73 ms with EinsumDense's layout, 62 ms in float32.
+      EinsumDense's layout), so that with only the weights quantized the
+      product is `rows @ transpose(kernel)` over the kernel as stored; XLA
+      on CPU then converts each weight as it reads it, one byte per weight
+      (see `storage_layout.rows_times_converted_transpose`).
 
     On PyTorch, a 16-bit float kernel is also stored with its contracted
     axes innermost, in memory only (see `storage_layout`).
@@ -222,21 +204,52 @@ class Projection(keras.layers.EinsumDense):
             outputs = self._int8_activations_product(inputs, kernel)
         else:
             # Weights only: the kernel scale is laid out to divide the outputs.
-            kernel, inputs = storage_layout.converted_where_used(
-                self._kernel.value, inputs, self.compute_dtype
-            )
-            if keras.backend.backend() == "torch":  # a transposed view is free
-                outputs = self._product(inputs, self._int8_as_einsum_layout(kernel))
-            elif ops.shape(inputs)[:2] == (1, 1):
-                outputs = _single_row_product(inputs, kernel)
-            else:  # XLA: contract the innermost axis, with no transposition
-                outputs = ops.einsum(self._int8_equation, inputs, kernel)
+            outputs = self._int8_weights_only_product(inputs)
             outputs = ops.divide(outputs, ops.cast(self.kernel_scale, outputs.dtype))
         if self.lora_enabled:
             adapted = ops.einsum(self.equation, inputs, self.lora_kernel_a)
             adapted = ops.matmul(adapted, self.lora_kernel_b)
             outputs = ops.cast(outputs + self._lora_scale * adapted, self.compute_dtype)
         return self._finish(outputs)
+
+    @property
+    def _int8_contracted_count(self):
+        """How many trailing axes of the stored int8 kernel are summed over."""
+        operands, output = self.equation.split("->")
+        return sum(letter not in output for letter in operands.split(",")[1])
+
+    @property
+    def _int8_is_matrix_product(self):
+        """Whether the product with the stored int8 kernel is a plain matrix
+        product `rows @ transpose(kernel)` once both are flattened: the
+        inputs end with the kernel's contracted axes, in the same order, and
+        the outputs are the inputs' other axes followed by the kernel's."""
+        operands, output = self._int8_equation.split("->")
+        inputs, stored = operands.split(",")
+        count = self._int8_contracted_count
+        return (
+            inputs[-count:] == stored[-count:]
+            and output == inputs[:-count] + stored[:-count]
+        )
+
+    def _int8_weights_only_product(self, inputs):
+        kernel = self._kernel.value
+        if not self._int8_is_matrix_product:
+            kernel, inputs = storage_layout.converted_where_used(
+                kernel, inputs, self.compute_dtype
+            )
+            if keras.backend.backend() == "torch":  # a transposed view is free
+                return self._product(inputs, self._int8_as_einsum_layout(kernel))
+            return ops.einsum(self._int8_equation, inputs, kernel)
+        count = self._int8_contracted_count
+        contracted = math.prod(kernel.shape[-count:])
+        rows = storage_layout.rows_times_converted_transpose(
+            ops.reshape(inputs, (-1, contracted)),
+            ops.reshape(kernel, (-1, contracted)),
+            self.compute_dtype,
+        )
+        leading = ops.shape(inputs)[: len(inputs.shape) - count]
+        return ops.reshape(rows, tuple(leading) + tuple(kernel.shape[:-count]))
 
     def _int8_activations_product(self, inputs, kernel):
         """The product with int8 inputs too (Keras's default int8 mode); the

@@ -87,3 +87,39 @@ def converted_where_used(weight, inputs, dtype):
 
         weight, inputs = jax.lax.optimization_barrier((weight, inputs))
     return keras.ops.cast(weight, dtype), inputs
+
+
+# Up to this many rows, XLA multiplies by a converted int8 weight fastest one
+# row at a time (see `rows_times_converted_transpose`).
+_MAX_ROWS_ONE_AT_A_TIME = 16
+
+
+def rows_times_converted_transpose(rows, weight, dtype):
+    """`rows @ transpose(cast(weight, dtype))` for a 2D `rows` `(n, k)` and
+    a low-precision `weight` `(m, k)`, reading `weight` where it is stored.
+
+    On XLA for CPU, a single row times the transposed converted weight
+    compiles to one loop that converts each weight as it reads it, one byte
+    per int8 weight; any other form (an einsum over the stored axes, a
+    product of several rows) first writes the whole weight converted, four
+    bytes per weight. Measured on JAX for the 36 gate and up kernels of the
+    270M model in int8, per decode step: 2.5 ms this way, 32 ms as an einsum,
+    8.2 ms in float32. So on JAX up to `_MAX_ROWS_ONE_AT_A_TIME` rows are
+    multiplied one at a time, in a loop that compiles once (4 rows: 6 ms
+    against 43 ms at once).
+    """
+
+    def product(rows):
+        converted, rows = converted_where_used(weight, rows, dtype)
+        return keras.ops.matmul(rows, keras.ops.transpose(converted))
+
+    count = rows.shape[0]
+    if (
+        keras.backend.backend() == "jax"
+        and isinstance(count, int)
+        and 1 < count <= _MAX_ROWS_ONE_AT_A_TIME
+    ):
+        import jax
+
+        return jax.lax.map(product, rows[:, None])[:, 0]
+    return product(rows)

@@ -189,13 +189,14 @@ def test_layer_config_round_trip(layer):
     assert restored.get_config() == config
 
 
-def test_tied_embedding_int8_weights_only_logits_match_keras():
+@pytest.mark.parametrize("rows", [1, 3, 20])  # one, a few, and many at once
+def test_tied_embedding_int8_weights_only_logits_match_keras(rows):
     """The weights-only int8 output projection is computed differently from
     Keras's `ReversibleEmbedding` (converted table, transposed): same logits."""
     from keras.quantizers import Int8QuantizationConfig
 
     table = np.random.default_rng(5).normal(size=(13, 4)).astype("float32")
-    hidden = np.random.default_rng(6).normal(size=(1, 3, 4)).astype("float32")
+    hidden = np.random.default_rng(6).normal(size=(2, rows, 4)).astype("float32")
     ours = TiedTokenEmbedding(input_dim=13, output_dim=4)
     reference = keras.layers.ReversibleEmbedding(13, 4, tie_weights=True)
     for layer in (ours, reference):

@@ -16,6 +16,8 @@ EQUATIONS = [
     ("btd,ndh->btnh", (None, 3, 4), (8,)),
     ("bsd,kdh->bskh", (None, 1, 4), (8,)),
     ("btnh,nhd->btd", (None, 8), (3, 4)),
+    # Not a Gemma projection: its int8 product is no plain matrix product.
+    ("btd,df->bft", (12, None), (8,)),
 ]
 WEIGHTS_ONLY = Int8QuantizationConfig(activation_quantizer=None)
 
@@ -43,7 +45,8 @@ def _inputs(feature_shape, rows, seed=1):
     return rng.normal(size=(1, rows) + feature_shape).astype("float32")
 
 
-@pytest.mark.parametrize("rows", [1, 5])
+# One row (decoding), a few (multiplied one at a time on JAX) and many.
+@pytest.mark.parametrize("rows", [1, 5, 20])
 @pytest.mark.parametrize("equation, output_shape, feature_shape", EQUATIONS)
 def test_float_and_int8_products_match_einsum_dense(
     equation, output_shape, feature_shape, rows
