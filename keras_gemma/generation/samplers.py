@@ -46,6 +46,34 @@ def _check_positive_int(value, name):
     return int(value)
 
 
+def first_argmax(values):
+    """`ops.argmax(values, axis=-1)` as int32, computed as a maximum and
+    then the first position holding it (or the first NaN, as `argmax`).
+
+    Two plain reductions instead of one reduction over (value, index)
+    pairs, which XLA on CPU runs far slower (measured over the 270M model's
+    262,144 logits inside the decode loop: 2.4 ms per token, a tenth of an
+    int8 decode step).
+
+    >>> import numpy as np
+    >>> values = np.array([[1.0, 3.0, 3.0, 2.0], [0.0, np.nan, 5.0, 1.0]])
+    >>> ops.convert_to_numpy(first_argmax(values.astype("float32"))).tolist()
+    [1, 1]
+    """
+    size = values.shape[-1]
+    largest = ops.max(values, axis=-1, keepdims=True)
+    positions = ops.arange(size, dtype="int32")
+    # NaNs are keyed below every other position, so the first NaN wins
+    # whether or not the backend's maximum propagates NaN (XLA's does not).
+    keys = ops.where(
+        ops.isnan(values),
+        positions - size,
+        ops.where(ops.equal(values, largest), positions, size),
+    )
+    first = ops.min(keys, axis=-1)
+    return ops.where(first < 0, first + size, first)
+
+
 def gumbel_argmax(logits, noise):
     """Index of `argmax(logits + Gumbel(noise))` along the last axis.
 
@@ -55,7 +83,7 @@ def gumbel_argmax(logits, noise):
     """
     noise = ops.clip(ops.cast(noise, "float32"), _TINY, 1.0 - 1e-7)
     gumbel = -ops.log(-ops.log(noise))
-    return ops.cast(ops.argmax(logits + gumbel, axis=-1), "int32")
+    return first_argmax(logits + gumbel)
 
 
 class Sampler:
@@ -114,7 +142,7 @@ class GreedySampler(Sampler):
     needs_noise = False
 
     def next_tokens(self, logits, noise_fn=None):
-        return ops.cast(ops.argmax(logits, axis=-1), "int32")
+        return first_argmax(logits)
 
 
 class RandomSampler(Sampler):
@@ -175,7 +203,7 @@ class TopKSampler(Sampler):
     def next_tokens(self, logits, noise_fn=None):
         logits = ops.cast(logits, "float32") / self.temperature
         if self.k == 1:  # exactly greedy, whatever the backend does on ties
-            return ops.cast(ops.argmax(logits, axis=-1), "int32")
+            return first_argmax(logits)
         k = min(self.k, int(logits.shape[-1]))
         values, indices = ops.top_k(logits, k, sorted=True)
         choice = gumbel_argmax(values, noise_fn(ops.shape(values)))

@@ -24,6 +24,19 @@ def test_greedy_is_argmax():
     assert tokens.tolist() == [1, 0]
 
 
+def test_first_argmax_matches_numpy_on_ties_infinities_and_nan():
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(6, 1000)).astype("float32")
+    values[1, [10, 700]] = 50.0  # a tie: the first wins
+    values[2, 5] = np.inf
+    values[3, [40, 900]] = np.nan  # NaN counts as the largest, as in argmax
+    values[4, :] = -np.inf
+    values[5, [3, 7]] = [np.inf, np.nan]
+    tokens = _numpy(samplers.first_argmax(values))
+    assert tokens.dtype == np.int32
+    np.testing.assert_array_equal(tokens, np.argmax(values, axis=-1))
+
+
 def test_top_k_one_and_top_p_small_equal_greedy():
     # The second row has a tie: top-k with k=1 still picks argmax's token.
     greedy = _numpy(samplers.GreedySampler().next_tokens(LOGITS))
