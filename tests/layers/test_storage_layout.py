@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 
 from keras_gemma.layers.projection import Projection
-from keras_gemma.layers.storage_layout import contracted_axes_innermost
+from keras_gemma.layers.storage_layout import (
+    contracted_axes_innermost,
+    rows_times_converted_transpose,
+)
 from keras_gemma.layers.token_embedding import TiedTokenEmbedding
 from tests.tiny_configs import tiny_causal_lm
 
@@ -91,3 +94,46 @@ def test_loading_a_preset_keeps_the_layout_and_the_values(dtype, tmp_path):
         assert _memory_order(query._kernel) == ((0, 2, 1) if half else (0, 1, 2))
         table_order = (0, 1) if half else (1, 0)
         assert _memory_order(loaded.token_embedding._embeddings) == table_order
+
+
+def _compiled_while_loop_text(function, *args):
+    """The optimized XLA program of `function`, as text (JAX, TensorFlow)."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.jit(function).lower(*args).compile().as_text()
+    import tensorflow as tf
+
+    compiled = tf.function(function, jit_compile=True)
+    return compiled.experimental_get_compiler_ir(*args)(stage="optimized_hlo")
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "torch", reason="XLA programs: JAX and TensorFlow"
+)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_int8_weights_are_converted_inside_a_loop_not_before_it(rows):
+    """XLA hoists a loop-invariant conversion out of a loop, which would
+    keep a float32 copy of every int8 weight alive and read it at every
+    step: the loop must carry the weight in int8 only."""
+    weight = np.random.default_rng(0).integers(-127, 127, (64, 32)).astype("int8")
+    start = np.ones((rows, 32), "float32")
+
+    def loop(weight, start):
+        def body(step, rows_value):
+            products = rows_times_converted_transpose(rows_value, weight, "float32")
+            return products[:, :32] * 1e-3
+
+        return keras.ops.fori_loop(0, 3, body, start)
+
+    text = _compiled_while_loop_text(loop, weight, start)
+    loops = [line for line in text.splitlines() if " while(" in line]
+    assert loops, "no while loop in the compiled program"
+    assert all("f32[64,32]" not in line for line in loops)
+    assert any("s8[64,32]" in line for line in loops)
+    expected = start
+    for _ in range(3):
+        expected = (expected @ weight.T.astype("float32"))[:, :32] * 1e-3
+    np.testing.assert_allclose(
+        _numpy(loop(weight, start)), expected, rtol=1e-5, atol=1e-6
+    )
