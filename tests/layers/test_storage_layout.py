@@ -137,3 +137,19 @@ def test_int8_weights_are_converted_inside_a_loop_not_before_it(rows):
     np.testing.assert_allclose(
         _numpy(loop(weight, start)), expected, rtol=1e-5, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("rows", [1, 3, 20])
+def test_rows_times_converted_transpose_in_chunks_matches_numpy(rows, monkeypatch):
+    """One row, a few (one at a time on JAX), many; PyTorch converting the
+    weight in chunks of 5 rows, the last one shorter."""
+    from keras_gemma.layers import storage_layout
+
+    monkeypatch.setattr(storage_layout, "_TORCH_CONVERSION_CHUNK", 5 * 16)
+    rng = np.random.default_rng(rows)
+    weight = rng.integers(-127, 127, (23, 16)).astype("int8")
+    inputs = rng.normal(size=(rows, 16)).astype("float32")
+    outputs = rows_times_converted_transpose(inputs, weight, "float32")
+    np.testing.assert_allclose(
+        _numpy(outputs), inputs @ weight.T.astype("float32"), rtol=1e-5, atol=1e-4
+    )
