@@ -8,7 +8,8 @@ alternatives on the same architecture and the same weights:
   in its own preset format, which is what its cold start loads);
 - on PyTorch, transformers' `Gemma3ForCausalLM` in float32 and bfloat16;
 - llama.cpp (`llama-cpp-python`, if importable) on the GGUF file of a GGUF
-  preset, beside keras-gemma in int8 (`quantize("int8")`) and bfloat16.
+  preset, beside keras-gemma in int8 (`quantize("int8")`, computing in
+  float32 or in bfloat16) and bfloat16.
 
 Speed, per backend, in one worker process: every implementation is loaded
 and warmed up (compiled), then the timed repeats alternate between them
@@ -378,6 +379,18 @@ def _gguf_kind(path):
     return match.group(1).upper() if match else "GGUF"
 
 
+def _variant_settings(variant):
+    """`(dtype, quantize)` of a variant: `"bfloat16"`, `"int8"` (float32
+    computation) or both, `"bfloat16+int8"`."""
+    dtype, quantize = "float32", None
+    for part in variant.split("+"):
+        if part in ("int8", "int4"):
+            quantize = part
+        else:
+            dtype = part
+    return dtype, quantize
+
+
 def _implementations(spec, backend):
     """The implementations a worker on `backend` measures, keras-gemma's
     main variant first."""
@@ -388,16 +401,11 @@ def _implementations(spec, backend):
         )
     ]
     for variant in spec["variants"]:
-        if variant == "int8":
+        dtype, quantize = _variant_settings(variant)
+        if (dtype, quantize) != (spec["dtype"], None):
             impls.append(
                 KerasGemma(
-                    spec["ours_source"], "float32", "int8", spec["ours_weights_from"]
-                )
-            )
-        elif variant != spec["dtype"]:
-            impls.append(
-                KerasGemma(
-                    spec["ours_source"], variant, weights_from=spec["ours_weights_from"]
+                    spec["ours_source"], dtype, quantize, spec["ours_weights_from"]
                 )
             )
     if "keras-hub" in spec["against"] and prepared.get("keras_hub_dir"):
@@ -731,7 +739,9 @@ def speed_comparison(args):
     )
     variants = args.variants
     if variants is None:
-        variants = ["int8", "bfloat16"] if "llama.cpp" in against else []
+        variants = (
+            ["int8", "bfloat16", "bfloat16+int8"] if "llama.cpp" in against else []
+        )
     spec = {
         "model": args.model,
         "dtype": args.dtype,
@@ -1145,8 +1155,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--variants",
         nargs="*",
-        help="more keras-gemma variants: int8, bfloat16 (default: both when "
-        "llama.cpp is compared, else none)",
+        help="more keras-gemma variants: int8 (float32 computation), bfloat16, "
+        "bfloat16+int8 (default: all three when llama.cpp is compared, else none)",
     )
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--prompt-length", type=int, default=16)

@@ -187,10 +187,13 @@ class _TorchRunner(_Runner):
     def capture(self, function, variables, on_trace):
         """Records the aten operations of one model step per input shapes
         (`make_fx`) and replays them: the Keras layer machinery runs once
-        per shape bucket instead of at every token. The variables are
-        inputs of the recorded graph, so it always sees their current
+        per shape bucket instead of at every token, and operations repeated
+        on the same inputs are recorded once (`torch_graph`). The variables
+        are inputs of the recorded graph, so it always sees their current
         values; cache writes stay in place."""
         from torch.fx.experimental.proxy_tensor import make_fx
+
+        from keras_gemma.generation.torch_graph import remove_repeated_operations
 
         variables = list(variables)
         graphs = {}
@@ -209,7 +212,9 @@ class _TorchRunner(_Runner):
             if key not in graphs:
                 on_trace()
                 try:
-                    graphs[key] = make_fx(stateless)(values, *args)
+                    graphs[key] = remove_repeated_operations(
+                        make_fx(stateless)(values, *args)
+                    )
                 except Exception as error:  # an operation make_fx cannot record
                     warnings.warn(
                         "Decoding runs eagerly: recording the decode step with "

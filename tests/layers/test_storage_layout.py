@@ -153,3 +153,33 @@ def test_rows_times_converted_transpose_in_chunks_matches_numpy(rows, monkeypatc
     np.testing.assert_allclose(
         _numpy(outputs), inputs @ weight.T.astype("float32"), rtol=1e-5, atol=1e-4
     )
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_half_precision_rows_times_int8_weight_matches_numpy(dtype, rows, monkeypatch):
+    """16-bit rows times an int8 weight; on PyTorch through its int8 kernel,
+    which must be the one used (a conversion of the weight is 4x slower)."""
+    calls = []
+    if keras.backend.backend() == "torch":
+        import torch
+
+        kernel = torch._weight_int8pack_mm
+        monkeypatch.setattr(
+            torch,
+            "_weight_int8pack_mm",
+            lambda *args: calls.append(args[1].shape) or kernel(*args),
+        )
+    rng = np.random.default_rng(rows)
+    weight = rng.integers(-127, 127, (40, 64)).astype("int8")
+    inputs = rng.normal(size=(rows, 64)).astype("float32")
+    outputs = rows_times_converted_transpose(
+        keras.ops.cast(inputs, dtype), keras.ops.convert_to_tensor(weight), dtype
+    )
+    assert keras.backend.standardize_dtype(outputs.dtype) == dtype
+    rounded = _numpy(keras.ops.cast(inputs, dtype))
+    np.testing.assert_allclose(
+        _numpy(outputs), rounded @ weight.T.astype("float32"), rtol=2e-2, atol=0.5
+    )
+    if keras.backend.backend() == "torch":
+        assert calls == [(40, 64)]
