@@ -137,6 +137,14 @@ def rows_times_converted_transpose(rows, weight, dtype):
     backend = keras.backend.backend()
     if backend == "torch" and _torch_int8_kernel_applies(rows, weight, dtype):
         return _torch_int8_rows_product(rows, weight, dtype)
+    if is_half_precision(dtype) and _is_xla_on_cpu():
+        # XLA on CPU converts and multiplies 16-bit floats one element at a
+        # time: the 270M model in bfloat16 with int8 weights decoded at 4.3
+        # tok/s on JAX, against 60 in float32.
+        product = rows_times_converted_transpose(
+            keras.ops.cast(rows, "float32"), weight, "float32"
+        )
+        return keras.ops.cast(product, dtype)
     count = rows.shape[0]
     if isinstance(count, int) and 1 < count <= _MAX_ROWS_ONE_AT_A_TIME:
         if backend == "jax":
@@ -162,6 +170,19 @@ def rows_times_converted_transpose(rows, weight, dtype):
             axis=-1,
         )
     return product(rows, weight)
+
+
+def _is_xla_on_cpu():
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() == "cpu"
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return not tf.config.list_logical_devices("GPU")
+    return False
 
 
 def _torch_int8_kernel_applies(rows, weight, dtype):
