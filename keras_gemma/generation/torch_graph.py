@@ -51,8 +51,9 @@ def remove_repeated_operations(graph_module):
         viewed = node.all_input_nodes[:1] if _is_view(target) else ()
         roots[node] = roots.get(viewed[0], viewed[0]) if viewed else node
         if _writes_in_place(target):
-            written = roots.get(node.args[0], node.args[0])
-            versions[written] = versions.get(written, 0) + 1
+            for written in _written_inputs(node):
+                root = roots.get(written, written)
+                versions[root] = versions.get(root, 0) + 1
             continue
         if _has_side_effects(target):
             continue
@@ -110,6 +111,19 @@ def _is_view(target):
 def _writes_in_place(target):
     schema = _schema(target)
     return schema is not None and schema.is_mutable
+
+
+def _written_inputs(node):
+    """The input nodes an in-place operation writes (`self`, `out=`...)."""
+    for position, argument in enumerate(node.target._schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        if position < len(node.args):
+            value = node.args[position]
+        else:
+            value = node.kwargs.get(argument.name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        yield from (item for item in values if isinstance(item, torch.fx.Node))
 
 
 def _has_side_effects(target):

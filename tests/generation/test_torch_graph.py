@@ -51,6 +51,21 @@ def test_reads_around_an_in_place_write_are_both_kept():
     assert cache.sum().item() == 2.0
 
 
+def test_a_write_through_out_is_seen_by_later_reads():
+    def step(x, out):
+        flat = out.view(-1)
+        before = flat.sum()
+        torch.add(x, x, out=out)  # `out` is not the first argument
+        after = flat.sum()
+        return before, after
+
+    recorded = _recorded(step, torch.ones(3), torch.zeros(3))
+    remove_repeated_operations(recorded)
+
+    before, after = recorded(torch.ones(3), torch.zeros(3))
+    assert (before.item(), after.item()) == (0.0, 6.0)
+
+
 def test_random_operations_are_never_merged():
     def step(x):
         return torch.rand(3) + torch.rand(3) + x
