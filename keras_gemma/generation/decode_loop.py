@@ -18,10 +18,11 @@ compiles it and drives the loop:
 - PyTorch: under `torch.inference_mode()`, the caches are allocated once
   by the prefill and written in place. One model step is recorded per
   shape bucket as a graph of aten operations (`torch.fx` `make_fx`) and
-  replayed at every token, so the Keras layer machinery does not run per
-  token (`torch.compile` was measured: minutes of compilation on CPU for a
-  small gain). The loop checks whether every row has stopped only every
-  few steps, so there is no host round trip per token.
+  replayed at every token through TorchScript's interpreter, so neither
+  the Keras layer machinery nor Python runs per operation (`torch.compile`
+  was measured: minutes of compilation on CPU for a small gain). The loop
+  checks whether every row has stopped only every few steps, so there is
+  no host round trip per token.
 
 Prompt widths and output lengths are rounded up to buckets
 (`bucket_length`), and the compiled functions are kept per sampler, so a
@@ -187,13 +188,17 @@ class _TorchRunner(_Runner):
     def capture(self, function, variables, on_trace):
         """Records the aten operations of one model step per input shapes
         (`make_fx`) and replays them: the Keras layer machinery runs once
-        per shape bucket instead of at every token, and operations repeated
-        on the same inputs are recorded once (`torch_graph`). The variables
+        per shape bucket instead of at every token, operations repeated on
+        the same inputs are recorded once, and the replay runs in
+        TorchScript's interpreter where it can (`torch_graph`). The variables
         are inputs of the recorded graph, so it always sees their current
         values; cache writes stay in place."""
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        from keras_gemma.generation.torch_graph import remove_repeated_operations
+        from keras_gemma.generation.torch_graph import (
+            remove_repeated_operations,
+            replay_with_torchscript,
+        )
 
         variables = list(variables)
         graphs = {}
@@ -212,7 +217,7 @@ class _TorchRunner(_Runner):
             if key not in graphs:
                 on_trace()
                 try:
-                    graphs[key] = remove_repeated_operations(
+                    graph = remove_repeated_operations(
                         make_fx(stateless)(values, *args)
                     )
                 except Exception as error:  # an operation make_fx cannot record
@@ -221,7 +226,13 @@ class _TorchRunner(_Runner):
                         f"torch.fx failed ({type(error).__name__}: {error}).",
                         stacklevel=2,
                     )
-                    graphs[key] = None
+                    graph = None
+                if graph is not None:
+                    try:
+                        graph = replay_with_torchscript(graph, values, *args)
+                    except Exception:  # replayed from Python instead
+                        pass
+                graphs[key] = graph
             if graphs[key] is None:
                 return stateless(values, *args)
             # Recording ran the step once too; its cache writes are

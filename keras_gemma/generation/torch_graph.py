@@ -1,4 +1,4 @@
-"""Removing repeated operations from a recorded PyTorch decode step.
+"""Making a recorded PyTorch decode step cheap to replay.
 
 A decode step recorded with `make_fx` replays every aten operation the
 Keras layers issued, and each costs a few microseconds of Python dispatch
@@ -14,11 +14,17 @@ when each runs, so every tensor gets a version, raised by each in-place
 operation on it or on a view of it; an operation reading a tensor written in
 between is kept. Operations with side effects (in-place ones, random
 sampling) are never merged.
+
+`replay_with_torchscript` then runs what is left through TorchScript's
+interpreter instead of Python: it dispatches each operation in about a third
+of the time (the same step: 44 to 29 ms; float32 70 to 56 ms).
 """
 
 import operator
+import warnings
 
 import torch
+import torch.utils._pytree as pytree
 
 
 def remove_repeated_operations(graph_module):
@@ -67,6 +73,59 @@ def remove_repeated_operations(graph_module):
             first[key] = node
     graph_module.recompile()
     return graph_module
+
+
+def replay_with_torchscript(graph_module, *example_args):
+    """Returns a function computing `graph_module(*args)` whose operations
+    run in TorchScript's interpreter, traced once with `example_args` (the
+    graph is recorded for fixed shapes, so nothing depends on them).
+
+    TorchScript's optimizer merges matrix products that share an operand
+    into one product over the concatenated other operands: for the chunks of
+    a converted int8 weight, that re-creates the whole converted weight at
+    every call (63 to 780 ms per step). Products are traced as
+    `aten::matmul`, which the merge does not match and which runs the same
+    kernel.
+
+    Example:
+
+    >>> import torch
+    >>> from torch.fx.experimental.proxy_tensor import make_fx
+    >>> def step(inputs):
+    ...     return {"sum": inputs["x"] + inputs["y"], "x": inputs["x"]}
+    >>> inputs = {"x": torch.ones(2), "y": torch.full((2,), 2.0)}
+    >>> replay = replay_with_torchscript(make_fx(step)(inputs), inputs)
+    >>> replay({"x": torch.zeros(2), "y": torch.ones(2)})["sum"].tolist()
+    [1.0, 1.0]
+    """
+    # make_fx flattens nested inputs and outputs in the generated code; the
+    # copy has plain code: flat inputs, flat outputs.
+    pytree_info = getattr(graph_module.graph._codegen, "pytree_info", None)
+    graph = torch.fx.Graph()
+    flat_outputs, structure = pytree.tree_flatten(
+        graph.graph_copy(graph_module.graph, {})
+    )
+    graph.output(tuple(flat_outputs))
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.mm.default:
+            node.target = torch.ops.aten.matmul.default
+    flat_module = torch.fx.GraphModule(graph_module, graph)
+    with warnings.catch_warnings():
+        # TorchScript is in maintenance mode; its tracer still works and
+        # says so.
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(
+            flat_module, tuple(pytree.tree_leaves(example_args)), check_trace=False
+        )
+
+    def replay(*args):
+        results = traced(*pytree.tree_leaves(args))
+        outputs = pytree.tree_unflatten(list(results), structure)
+        if pytree_info is not None and pytree_info.out_spec is not None:
+            outputs = pytree.tree_unflatten(outputs, pytree_info.out_spec)
+        return outputs
+
+    return replay
 
 
 def _key(node, roots, versions):

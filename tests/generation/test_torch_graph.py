@@ -1,10 +1,14 @@
 """Repeated operations dropped from a recorded PyTorch step, without merging
-reads that an in-place write separates."""
+reads that an in-place write separates; the step replayed through
+TorchScript."""
 
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from keras_gemma.generation.torch_graph import remove_repeated_operations
+from keras_gemma.generation.torch_graph import (
+    remove_repeated_operations,
+    replay_with_torchscript,
+)
 
 
 def _count(graph_module, target):
@@ -85,3 +89,46 @@ def test_equal_numbers_of_different_types_are_not_confused():
 
     integer, floating = recorded(torch.arange(3))
     assert integer.dtype == torch.int64 and floating.dtype == torch.float32
+
+
+def test_torchscript_replay_matches_the_recording_and_writes_in_place():
+    def step(inputs, cache, position):
+        cache.index_copy_(0, position, inputs["x"][None])
+        return {"totals": [cache.sum(0) * inputs["scale"]], "cache": cache}
+
+    def arguments(seed):
+        generator = torch.Generator().manual_seed(seed)
+        inputs = {"x": torch.randn(3, generator=generator), "scale": torch.tensor(2.0)}
+        return inputs, torch.zeros(4, 3), torch.tensor([seed % 4])
+
+    recorded = _recorded(step, *arguments(0))
+    replay = replay_with_torchscript(recorded, *arguments(0))
+    for seed in range(1, 4):  # TorchScript optimizes after its first runs
+        expected_args, replay_args = arguments(seed), arguments(seed)
+        expected = recorded(*expected_args)
+        result = replay(*replay_args)
+        torch.testing.assert_close(result["totals"][0], expected["totals"][0])
+        # the cache passed in is the one written, and the one returned
+        assert result["cache"] is replay_args[1]
+        torch.testing.assert_close(replay_args[1], expected_args[1])
+        assert replay_args[1][seed % 4].abs().sum() > 0
+
+
+def test_torchscript_replay_keeps_products_sharing_an_operand_apart():
+    # An int8 weight converted and multiplied in chunks, as PyTorch's int8
+    # products of float32 rows are: TorchScript's optimizer merges eight or
+    # more such products into one over the whole converted weight.
+    def step(rows, weight):
+        chunks = [weight[start : start + 4].float() for start in range(0, 32, 4)]
+        return torch.cat([rows @ chunk.T for chunk in chunks], dim=-1)
+
+    rows = torch.randn(1, 8)
+    weight = torch.randint(-127, 128, (32, 8), dtype=torch.int8)
+    replay = replay_with_torchscript(_recorded(step, rows, weight), rows, weight)
+    for _ in range(3):
+        result = replay(rows, weight)
+
+    optimized = str(torch.jit.last_executed_optimized_graph())
+    assert "MMBatchSide" not in optimized
+    assert optimized.count("aten::matmul") == 8
+    torch.testing.assert_close(result, rows @ weight.float().T)
