@@ -26,8 +26,14 @@ def _per_head_product(inputs, kernel):
     """
     batch, length, hidden = ops.shape(inputs)
     heads, _, head_dim = kernel.shape
-    flat = ops.reshape(inputs, (1, batch * length, hidden))
     backend = keras.backend.backend()
+    if backend == "torch":
+        matrix = _torch_heads_as_columns(kernel)
+        if matrix is not None:
+            rows = ops.reshape(inputs, (batch * length, hidden))
+            outputs = storage_layout.rows_times_matrix(rows, matrix)
+            return ops.reshape(outputs, (batch, length, heads, head_dim))
+    flat = ops.reshape(inputs, (1, batch * length, hidden))
     if backend != "torch":  # torch's matmul broadcasts without a copy
         flat = ops.broadcast_to(flat, (heads, batch * length, hidden))
     if backend == "jax":
@@ -36,6 +42,18 @@ def _per_head_product(inputs, kernel):
         flat = jax.lax.optimization_barrier(flat)
     outputs = ops.transpose(ops.matmul(flat, kernel), (1, 0, 2))
     return ops.reshape(outputs, (batch, length, heads, head_dim))
+
+
+def _torch_heads_as_columns(kernel):
+    """A `(heads, hidden, head_dim)` kernel as a `(hidden, heads * head_dim)`
+    view on PyTorch (possible when stored with `hidden` innermost, as
+    `Projection` does), or `None` where that would need a copy."""
+    heads, hidden, head_dim = kernel.shape
+    kernel = ops.convert_to_tensor(kernel)
+    try:
+        return kernel.permute(1, 0, 2).view(hidden, heads * head_dim)
+    except RuntimeError:
+        return None
 
 
 def projection_as_matmul(equation, inputs, kernel):
@@ -62,10 +80,14 @@ def projection_as_matmul(equation, inputs, kernel):
         batch, length, heads, head_dim = ops.shape(inputs)
         hidden = kernel.shape[-1]
         flat = ops.reshape(inputs, (-1, heads * head_dim))
-        outputs = ops.matmul(flat, ops.reshape(kernel, (heads * head_dim, hidden)))
+        matrix = ops.reshape(kernel, (heads * head_dim, hidden))
+        outputs = storage_layout.rows_times_matrix(flat, matrix)
         return ops.reshape(outputs, (batch, length, hidden))
     if equation in ("btd,df->btf", "btf,fd->btd"):
-        return ops.matmul(inputs, kernel)
+        batch, length, features = ops.shape(inputs)
+        flat = ops.reshape(inputs, (-1, features))
+        outputs = storage_layout.rows_times_matrix(flat, kernel)
+        return ops.reshape(outputs, (batch, length, kernel.shape[-1]))
     return None
 
 
@@ -86,8 +108,8 @@ class Projection(keras.layers.EinsumDense):
       on CPU then converts each weight as it reads it, one byte per weight
       (see `storage_layout.rows_times_converted_transpose`).
 
-    On PyTorch, a 16-bit float kernel is also stored with its contracted
-    axes innermost, in memory only (see `storage_layout`).
+    On PyTorch, a float kernel is also stored with its contracted axes
+    innermost, in memory only (see `storage_layout`).
 
     Example:
 
@@ -105,7 +127,6 @@ class Projection(keras.layers.EinsumDense):
         if (
             kwargs.get("name") == "kernel"
             and kwargs.get("dtype") != "int8"  # int8 kernels are transposed
-            and storage_layout.is_half_precision(self.compute_dtype)
         ):
             kwargs["initializer"] = storage_layout.initializer_with_memory_order(
                 kwargs.get("initializer"),

@@ -66,7 +66,16 @@ class TiedTokenEmbedding(keras.layers.ReversibleEmbedding):
             self.embeddings_initializer = initializer
 
     def call(self, inputs, reverse=False):
-        return self._finish(super().call(inputs, reverse=reverse), reverse)
+        if not reverse:
+            return self._finish(super().call(inputs), reverse)
+        # The product by `storage_layout`, which splits a few float32 rows
+        # over PyTorch's threads (the parent's `matmul` runs on one).
+        table = ops.convert_to_tensor(self.embeddings)
+        rows = storage_layout.rows_times_matrix(
+            ops.reshape(inputs, (-1, self.output_dim)), ops.transpose(table)
+        )
+        logits = ops.reshape(rows, tuple(ops.shape(inputs)[:-1]) + (-1,))
+        return self._finish(logits, reverse)
 
     def quantized_call(self, inputs, reverse=False):
         return self._finish(super().quantized_call(inputs, reverse=reverse), reverse)

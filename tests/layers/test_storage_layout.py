@@ -9,6 +9,7 @@ from keras_gemma.layers.projection import Projection
 from keras_gemma.layers.storage_layout import (
     contracted_axes_innermost,
     rows_times_converted_transpose,
+    rows_times_matrix,
 )
 from keras_gemma.layers.token_embedding import TiedTokenEmbedding
 from tests.tiny_configs import tiny_causal_lm
@@ -47,10 +48,7 @@ def test_projection_kernel_layout_and_product(
     expected = np.einsum(equation, *rounded)
     np.testing.assert_allclose(_numpy(layer(x)), expected, rtol=2e-2, atol=2e-2)
     if keras.backend.backend() == "torch":
-        natural = tuple(range(len(kernel.shape)))
-        fast = contracted_axes_innermost(equation)
-        half = dtype != "float32"
-        assert _memory_order(layer._kernel) == (fast if half else natural)
+        assert _memory_order(layer._kernel) == contracted_axes_innermost(equation)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -90,9 +88,8 @@ def test_loading_a_preset_keeps_the_layout_and_the_values(dtype, tmp_path):
         _numpy(keras.ops.cast(reference.token_embedding.embeddings, dtype)),
     )
     if keras.backend.backend() == "torch":
-        half = dtype != "float32"
-        assert _memory_order(query._kernel) == ((0, 2, 1) if half else (0, 1, 2))
-        table_order = (0, 1) if half else (1, 0)
+        assert _memory_order(query._kernel) == (0, 2, 1)
+        table_order = (0, 1) if dtype != "float32" else (1, 0)
         assert _memory_order(loaded.token_embedding._embeddings) == table_order
 
 
@@ -157,19 +154,35 @@ def test_int8_products_of_a_bfloat16_model_run_in_float32_on_xla_cpu():
     assert "bf16[1,64]" in text  # the result is still bfloat16
 
 
+@pytest.mark.parametrize("gradient", [True, False])
 @pytest.mark.parametrize("rows", [1, 3, 20])
-def test_rows_times_converted_transpose_in_chunks_matches_numpy(rows, monkeypatch):
+def test_rows_times_converted_transpose_in_chunks_matches_numpy(
+    rows, gradient, monkeypatch
+):
     """One row, a few (one at a time on JAX), many; PyTorch converting the
-    weight in chunks of 5 rows, the last one shorter."""
+    weight in chunks of 5 rows, the last one shorter: new tensors when a
+    gradient may be needed, else one scratch buffer rewritten per chunk."""
+    import contextlib
+
     from keras_gemma.layers import storage_layout
 
     monkeypatch.setattr(storage_layout, "_TORCH_CONVERSION_CHUNK", 5 * 16)
     rng = np.random.default_rng(rows)
     weight = rng.integers(-127, 127, (23, 16)).astype("int8")
     inputs = rng.normal(size=(rows, 16)).astype("float32")
-    outputs = rows_times_converted_transpose(inputs, weight, "float32")
+    context = contextlib.nullcontext()
+    if keras.backend.backend() == "torch":
+        import torch
+
+        weight = torch.from_numpy(weight)
+        context = torch.enable_grad() if gradient else torch.inference_mode()
+    with context:
+        outputs = rows_times_converted_transpose(inputs, weight, "float32")
     np.testing.assert_allclose(
-        _numpy(outputs), inputs @ weight.T.astype("float32"), rtol=1e-5, atol=1e-4
+        _numpy(outputs),
+        inputs @ np.asarray(weight).T.astype("float32"),
+        rtol=1e-5,
+        atol=1e-4,
     )
 
 
@@ -201,3 +214,61 @@ def test_half_precision_rows_times_int8_weight_matches_numpy(dtype, rows, monkey
     )
     if keras.backend.backend() == "torch":
         assert calls == [(40, 64)]
+
+
+@pytest.fixture
+def two_torch_threads():
+    if keras.backend.backend() != "torch":
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _torch_products(rows, matrix):
+    """The shapes of the matrix products `rows_times_matrix` runs."""
+    import torch
+
+    with torch.profiler.profile(record_shapes=True) as profile:
+        rows_times_matrix(rows, matrix)
+    return [
+        (event.name, [tuple(shape) for shape in event.input_shapes[:2]])
+        for event in profile.events()
+        if event.name in ("aten::mm", "aten::bmm")
+    ]
+
+
+@pytest.mark.parametrize("count", [1, 5, 17])
+@pytest.mark.parametrize("column_major", [False, True])
+def test_rows_times_matrix_matches_numpy(count, column_major, two_torch_threads):
+    rng = np.random.default_rng(count)
+    rows = rng.normal(size=(count, 6)).astype("float32")
+    matrix = rng.normal(size=(6, 10)).astype("float32")
+    stored = keras.ops.convert_to_tensor(matrix.T if column_major else matrix)
+    stored = keras.ops.transpose(stored) if column_major else stored
+    outputs = rows_times_matrix(keras.ops.convert_to_tensor(rows), stored)
+    np.testing.assert_allclose(_numpy(outputs), rows @ matrix, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="PyTorch's threads")
+def test_few_float32_rows_are_split_over_torch_threads(two_torch_threads):
+    """MKL multiplies a few float32 rows on one thread: the columns are
+    split in one block per thread, multiplied as one batched product."""
+    import torch
+
+    matrix = torch.randn(6, 10)
+    assert _torch_products(torch.randn(3, 6), matrix) == [
+        ("aten::bmm", [(2, 3, 6), (2, 6, 5)])
+    ]
+    # many rows (a prompt), 16-bit rows, an odd number of columns: as is
+    for rows, matrix in [
+        (torch.randn(17, 6), torch.randn(6, 10)),
+        (torch.randn(3, 6, dtype=torch.bfloat16), torch.randn(6, 10).bfloat16()),
+        (torch.randn(3, 6), torch.randn(6, 9)),
+    ]:
+        products = _torch_products(rows, matrix)
+        assert products == [("aten::mm", [tuple(rows.shape), tuple(matrix.shape)])]
