@@ -66,6 +66,32 @@ def test_quantized_model_scores_generates_and_reloads(mode, tolerance, tmp_path)
     np.testing.assert_allclose(_logits(restored), quantized, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int8_greedy_generation_picks_what_full_forward_passes_pick(dtype):
+    """The decode loop (on PyTorch: a recorded step replayed by TorchScript,
+    int8 weights converted into a reused buffer or read by PyTorch's int8
+    kernel) picks, at every step, the argmax of a full forward pass over
+    the sequence so far."""
+    lm = tiny_causal_lm(std=0.2, dtype=dtype)
+    lm.quantize("int8")
+    prompt, new_tokens = [2, 7, 9, 11], 6
+    output = lm.generate(
+        {"token_ids": np.array([prompt]), "padding_mask": np.ones((1, 4), bool)},
+        max_new_tokens=new_tokens,
+        stop_token_ids=None,
+    )
+    generated = np.asarray(keras.ops.convert_to_numpy(output["token_ids"]))[0]
+    sequence = list(prompt)
+    for _ in range(new_tokens):
+        inputs = {
+            "token_ids": np.array([sequence]),
+            "padding_mask": np.ones((1, len(sequence)), bool),
+        }
+        logits = keras.ops.convert_to_numpy(keras.ops.cast(lm(inputs), "float32"))
+        sequence.append(int(np.argmax(logits[0, -1])))
+    assert generated[: len(sequence)].tolist() == sequence
+
+
 def _float8_config():
     from keras.quantizers import Float8QuantizationConfig
 
