@@ -248,8 +248,11 @@ def transformers_shape(variable, transform):
 
 
 def to_variable_layout(tensor, variable, transform):
-    """Converts one transformers tensor to the layout of `variable`."""
-    return np.ascontiguousarray(TRANSFORMS[transform][0](tensor, tuple(variable.shape)))
+    """Converts one transformers tensor to the shape of `variable`: a view
+    where possible. Left strided, a transposed kernel is already in the
+    memory order PyTorch stores it in (see `storage_layout`), so loading
+    does not transpose it twice; other backends copy it as they load it."""
+    return TRANSFORMS[transform][0](tensor, tuple(variable.shape))
 
 
 def to_transformers_layout(array, transform):
