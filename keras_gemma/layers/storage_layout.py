@@ -218,7 +218,7 @@ def rows_times_converted_transpose(rows, weight, dtype):
                 )
     if backend == "torch" and _torch_converts_in_place(rows, weight):
         return _torch_rows_times_converted_chunks(rows, weight, dtype)
-    chunk = max(1, _TORCH_CONVERSION_CHUNK // weight.shape[1])
+    chunk = _torch_chunk_rows(weight)
     if backend == "torch" and weight.shape[0] > chunk:
         return keras.ops.concatenate(
             [
@@ -252,6 +252,11 @@ def _torch_int8_kernel_applies(rows, weight, dtype):
         and rows.device.type == "cpu"
         and hasattr(torch, "_weight_int8pack_mm")
     )
+
+
+def _torch_chunk_rows(weight):
+    """How many rows of `weight` PyTorch converts at a time."""
+    return max(1, _TORCH_CONVERSION_CHUNK // weight.shape[1])
 
 
 def _torch_converts_in_place(rows, weight):
@@ -293,7 +298,7 @@ def _torch_rows_times_converted_chunks(rows, weight, dtype):
     import torch
 
     rows = keras.ops.cast(rows, dtype)
-    chunk = max(1, _TORCH_CONVERSION_CHUNK // weight.shape[1])
+    chunk = _torch_chunk_rows(weight)
     size = min(chunk, weight.shape[0]) * weight.shape[1]
     buffer = _torch_scratch_buffer(size, rows.dtype, rows.device)
     outputs = []
