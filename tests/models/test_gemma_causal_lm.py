@@ -168,8 +168,11 @@ def test_stream_concatenates_to_generate(lm):
     expected = lm.generate(
         prompt, max_new_tokens=24, stop_token_ids=None, strip_prompt=True
     )
+    traces = lm.decode_engine.trace_count
     pieces = list(lm.stream(prompt, max_new_tokens=24, stop_token_ids=None))
     assert "".join(pieces) == expected
+    # `generate` runs the programs `stream` runs: nothing new to compile.
+    assert lm.decode_engine.trace_count == traces
     assert len(pieces) > 5
     # Multi-byte characters made of byte tokens arrive whole: no piece ends
     # inside one.
