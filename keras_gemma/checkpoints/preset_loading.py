@@ -18,6 +18,7 @@ on.
 import os
 
 from keras_gemma.checkpoints import (
+    garbage_collection,
     gguf_format,
     keras_gemma_format,
     keras_hub_format,
@@ -132,6 +133,7 @@ def _load_transformers_weights(backbone, directory):
 # -- public loaders -----------------------------------------------------------
 
 
+@garbage_collection.paused()
 def load_backbone(preset, dtype=None):
     """Builds a `GemmaBackbone` from `preset` with its weights loaded.
 
@@ -190,6 +192,7 @@ def _bare_vocabulary_file(preset):
     return None
 
 
+@garbage_collection.paused()
 def load_tokenizer(preset, **kwargs):
     """Builds the `GemmaTokenizer` of `preset`.
 
@@ -230,6 +233,7 @@ def _preprocessor_settings(checkpoint):
     return {}
 
 
+@garbage_collection.paused()
 def load_preprocessor(preset, **kwargs):
     """Builds a `GemmaCausalLMPreprocessor` on the tokenizer of `preset`.
 
@@ -274,6 +278,7 @@ def _has_tokenizer(checkpoint):
     return True
 
 
+@garbage_collection.paused()
 def load_causal_lm(preset, dtype=None, **kwargs):
     """Builds a `GemmaCausalLM`: the backbone and, when the preset carries a
     tokenizer, a `GemmaCausalLMPreprocessor`.

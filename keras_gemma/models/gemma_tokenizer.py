@@ -9,6 +9,8 @@ import sys
 import keras
 import numpy as np
 
+from keras_gemma.checkpoints import garbage_collection
+
 # The special pieces of the Gemma vocabularies, by the property that exposes
 # their id. Absent pieces give `None`.
 _NAMED_TOKENS = {
@@ -112,7 +114,7 @@ def _parse_proto(data):
     return model
 
 
-def _encoder_proto(model):
+def _encoder_proto(model, types):
     """The model the tokenizer runs: control pieces match literally in text.
 
     SentencePiece never produces a CONTROL piece (`<bos>`, `<eos>`, `<pad>`)
@@ -120,17 +122,19 @@ def _encoder_proto(model):
     tokens that match when written in text. Turning them into USER_DEFINED
     pieces gives the reference's ids, and makes `detokenize` spell them out
     (as transformers' `decode` does) so that decoding inverts encoding.
+    `types` holds each piece's type, read once (reading a field of one of
+    262k pieces costs about half a microsecond).
     """
     from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
     piece_type = model_pb2.ModelProto.SentencePiece
     encoder = model_pb2.ModelProto()
     encoder.CopyFrom(model)
-    for piece in encoder.pieces:
-        if piece.type == piece_type.CONTROL:
-            piece.type = piece_type.USER_DEFINED
-        elif piece.type == piece_type.UNKNOWN:
-            encoder.trainer_spec.unk_surface = piece.piece
+    for index, kind in enumerate(types):
+        if kind == piece_type.CONTROL:
+            encoder.pieces[index].type = piece_type.USER_DEFINED
+        elif kind == piece_type.UNKNOWN:
+            encoder.trainer_spec.unk_surface = encoder.pieces[index].piece
     return encoder.SerializeToString()
 
 
@@ -191,12 +195,16 @@ class GemmaTokenizer(keras.layers.Layer):
         self._convert_input_args = False
         self._allow_non_tensor_positional_args = True
         self.built = True
+        with garbage_collection.paused():
+            self._load_vocabulary(_read_proto(proto))
 
+    def _load_vocabulary(self, data):
         import sentencepiece
 
-        data = _read_proto(proto)
         model = _parse_proto(data)
-        encoder_bytes = _encoder_proto(model)
+        pieces = tuple(piece.piece for piece in model.pieces)
+        types = [piece.type for piece in model.pieces]
+        encoder_bytes = _encoder_proto(model, types)
         try:
             processor = sentencepiece.SentencePieceProcessor(model_proto=encoder_bytes)
         except (RuntimeError, OSError) as error:
@@ -204,8 +212,7 @@ class GemmaTokenizer(keras.layers.Layer):
                 f"`proto` is not a usable SentencePiece model: {error}"
             ) from error
 
-        pieces = tuple(piece.piece for piece in model.pieces)
-        piece_ids = {piece: i for i, piece in enumerate(pieces)}
+        piece_ids = dict(zip(pieces, range(len(pieces))))
         token_ids = {
             name: piece_ids.get(piece) for name, piece in _NAMED_TOKENS.items()
         }
@@ -219,13 +226,14 @@ class GemmaTokenizer(keras.layers.Layer):
                 + ", ".join(missing)
                 + " piece."
             )
-        types = model.pieces[0].__class__
+        piece_type = model.pieces[0].__class__
+        control_types = (piece_type.CONTROL, piece_type.UNKNOWN)
         special = [
             i
-            for i, piece in enumerate(model.pieces)
-            if piece.type in (types.CONTROL, types.UNKNOWN)
-            or piece.piece in _CONTROL_PIECES
-            or _UNUSED_PIECE.match(piece.piece)
+            for i, (piece, kind) in enumerate(zip(pieces, types))
+            if kind in control_types
+            or piece in _CONTROL_PIECES
+            or (piece[:1] == "<" and _UNUSED_PIECE.match(piece))
         ]
         special_mask = np.zeros((len(pieces),), bool)
         special_mask[special] = True
