@@ -5,9 +5,11 @@ import keras
 import numpy as np
 import pytest
 
+from keras_gemma.checkpoints.variables import numpy_dtype
 from keras_gemma.layers.projection import Projection
 from keras_gemma.layers.storage_layout import (
     contracted_axes_innermost,
+    initializer_with_memory_order,
     rows_times_converted_transpose,
     rows_times_matrix,
 )
@@ -91,6 +93,34 @@ def test_loading_a_preset_keeps_the_layout_and_the_values(dtype, tmp_path):
         assert _memory_order(query._kernel) == (0, 2, 1)
         table_order = (0, 1) if dtype != "float32" else (1, 0)
         assert _memory_order(loaded.token_embedding._embeddings) == table_order
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("source", ["c_order", "transposed_view", "read_only"])
+def test_memory_order_initializer_copies_a_numpy_value_once(dtype, source):
+    """A loaded value (numpy) becomes a tensor of its own, in the order
+    asked for, with the same values; wide enough to be copied in blocks."""
+    import warnings
+
+    values = np.arange(600 * 5, dtype="float32").reshape(600, 5) / 7
+    if source == "transposed_view":
+        values = np.ascontiguousarray(values.T).T
+    value = values.astype(numpy_dtype(dtype))
+    if source == "read_only":
+        value.flags.writeable = False
+    initializer = initializer_with_memory_order(lambda shape, dtype=None: value, (1, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tensor = initializer((600, 5), dtype=dtype)
+    expected = _numpy(keras.ops.convert_to_tensor(value.copy()))
+    np.testing.assert_array_equal(_numpy(tensor), expected)
+    if keras.backend.backend() == "torch":
+        assert str(tensor.dtype) == f"torch.{dtype}"
+        strides = tensor.stride()
+        assert sorted(range(2), key=lambda axis: -strides[axis]) == [1, 0]
+        if value.flags.writeable:
+            value[...] = 0  # the tensor does not share the loader's memory
+            np.testing.assert_array_equal(_numpy(tensor), expected)
 
 
 def _compiled_while_loop_text(function, *args):
