@@ -42,7 +42,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
-from keras_gemma.checkpoints.variables import assign
+from keras_gemma.checkpoints.variables import aligned_empty, assign
 
 ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
@@ -286,7 +286,8 @@ def _dequantize(raw_rows, quant_type):
     rows, row_bytes = raw_rows.shape
     step = max(1, _DEQUANTIZE_CHUNK_BYTES // row_bytes)
     first = quant_class.dequantize_rows(raw_rows[:step])
-    out = np.empty((rows, first.shape[-1]), np.float32)
+    # Aligned, so that JAX and TensorFlow can keep it (see `assign`).
+    out = aligned_empty((rows, first.shape[-1]), np.float32)
     out[: len(first)] = first
 
     def fill(begin):
@@ -463,5 +464,6 @@ def load_weights(backbone, gguf_file):
         if gguf_name.endswith("norm.weight"):
             tensor = tensor - 1.0
         value = transformers_format.to_variable_layout(tensor, variable, transform)
-        assign(variable, value)
+        # Dequantized or copied out of the file: the variable may keep it.
+        assign(variable, value, owned=True)
         del tensor, value
