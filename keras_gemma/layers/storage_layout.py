@@ -111,6 +111,8 @@ def as_torch_tensor(value):
 
     if not isinstance(value, np.ndarray):
         return keras.ops.convert_to_tensor(value)
+    if any(stride < 0 for stride in value.strides):  # PyTorch has none
+        value = np.ascontiguousarray(value)
     if keras.backend.standardize_dtype(value.dtype) == "bfloat16":
         # numpy's bfloat16 (ml_dtypes) is unknown to PyTorch: same bits.
         return as_torch_tensor(value.view(np.uint16)).view(torch.bfloat16)
@@ -145,14 +147,18 @@ def copy_in_blocks(target, source):
         def copy(into, values):
             np.copyto(into, values)
 
-        innermost_is_contiguous = source.strides[-1] == source.itemsize
+        def innermost_stride():
+            return source.strides[-1] // source.itemsize
+
     else:
 
         def copy(into, values):
             into.copy_(values)
 
-        innermost_is_contiguous = source.stride(-1) == 1
-    if source.ndim == 0 or innermost_is_contiguous:
+        def innermost_stride():
+            return source.stride(-1)
+
+    if source.ndim == 0 or innermost_stride() == 1:
         copy(target, source)
         return target
     for begin in range(0, source.shape[-1], _TRANSPOSE_BLOCK):
@@ -285,7 +291,7 @@ def rows_times_converted_transpose(rows, weight, dtype):
     backend = keras.backend.backend()
     if backend == "torch" and _torch_int8_kernel_applies(rows, weight, dtype):
         return _torch_int8_rows_product(rows, weight, dtype)
-    if is_half_precision(dtype) and _is_xla_on_cpu():
+    if is_half_precision(dtype) and is_xla_on_cpu():
         # XLA on CPU converts and multiplies 16-bit floats one element at a
         # time: the 270M model in bfloat16 with int8 weights decoded at 4.3
         # tok/s on JAX, against 60 in float32.
@@ -322,7 +328,8 @@ def rows_times_converted_transpose(rows, weight, dtype):
     return product(rows, weight)
 
 
-def _is_xla_on_cpu():
+def is_xla_on_cpu():
+    """Whether this backend compiles with XLA for a CPU (JAX, TensorFlow)."""
     backend = keras.backend.backend()
     if backend == "jax":
         import jax
