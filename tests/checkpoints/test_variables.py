@@ -11,17 +11,10 @@ from keras_gemma.checkpoints.variables import (
     numpy_dtype,
     uninitialized_backbone,
 )
+from tests.tiny_configs import tiny_config
 
 # The embedding table is 1 MiB in float32: large enough to be handed over.
-CONFIG = dict(
-    vocabulary_size=4096,
-    num_layers=1,
-    num_query_heads=2,
-    num_key_value_heads=1,
-    hidden_dim=64,
-    intermediate_dim=128,
-    head_dim=32,
-)
+CONFIG = tiny_config(vocabulary_size=8192)
 
 
 def _numpy(variable):
