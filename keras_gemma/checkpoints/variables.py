@@ -155,7 +155,9 @@ def _backend_tensor(value, owned):
     handed over as it is when the loader `owned` such an array. PyTorch
     takes over an `owned` array (`storage_layout` copies it only if it
     needs another layout). Everything else is left to Keras's conversion.
-    Measured on the 270M GGUF preset, `from_preset`: see the callers.
+    Measured, `from_preset` of the 270M GGUF preset (float32): JAX 3.0 ->
+    2.3 s, TensorFlow 4.2 -> 2.5 s, PyTorch 3.5 -> 2.3 s (with the copies
+    of `storage_layout`).
     """
     import keras
 
