@@ -141,7 +141,12 @@ class _TensorFlowRunner(_Runner):
             on_trace()
             return function(*args)
 
-        return tf.function(traced, jit_compile=True, reduce_retracing=False)
+        # No AutoGraph: the loops are explicit `tf.while_loop`s, and
+        # converting every layer's Python source took about a second of
+        # each trace (the 270M model's first token on TensorFlow).
+        return tf.function(
+            traced, jit_compile=True, reduce_retracing=False, autograph=False
+        )
 
     def while_loop(self, cond, body, state, iterations=None):
         import tensorflow as tf
