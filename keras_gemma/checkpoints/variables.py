@@ -119,6 +119,8 @@ def _finish(backbone, earlier):
 _ALIGNMENT = 64
 # Below this size a value goes through Keras's conversion as it is.
 _SMALL_BYTES = 1 << 20
+# What TensorFlow takes through DLPack (not ml_dtypes' bfloat16).
+_DLPACK_DTYPES = (np.float32, np.float16, np.int8)
 
 
 def aligned_empty(shape, dtype):
@@ -166,31 +168,21 @@ def _backend_tensor(value, owned):
     backend = keras.backend.backend()
     if backend == "torch":
         return storage_layout.as_torch_tensor(value) if owned else value
-    hand_over = _host_array_handover(backend, value.dtype)
-    if hand_over is None or value.nbytes < _SMALL_BYTES:
+    if not storage_layout.is_xla_on_cpu() or value.nbytes < _SMALL_BYTES:
+        return value
+    if backend == "tensorflow" and value.dtype not in _DLPACK_DTYPES:
         return value
     if not (owned and _is_aligned(value)):
         value = storage_layout.copy_in_blocks(
             aligned_empty(value.shape, value.dtype), value
         )
-    return hand_over(value)
-
-
-def _host_array_handover(backend, dtype):
-    """The function that makes an aligned host array a tensor of `backend`
-    without copying it, or None where there is none (a GPU, a dtype DLPack
-    lacks)."""
     if backend == "jax":
         import jax
 
-        return jax.device_put if jax.default_backend() == "cpu" else None
-    if backend == "tensorflow" and dtype in (np.float32, np.float16, np.int8):
-        import tensorflow as tf
+        return jax.device_put(value)
+    import tensorflow as tf
 
-        if tf.config.list_logical_devices("GPU"):
-            return None
-        return lambda value: tf.experimental.dlpack.from_dlpack(value.__dlpack__())
-    return None
+    return tf.experimental.dlpack.from_dlpack(value.__dlpack__())
 
 
 def assign(variable, value, owned=False):

@@ -142,29 +142,29 @@ def copy_in_blocks(target, source):
     >>> copy_in_blocks(np.empty((3, 2)), source.T).tolist()
     [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]]
     """
-    if isinstance(target, np.ndarray):
+    on_numpy = isinstance(target, np.ndarray)
 
-        def copy(into, values):
+    def copy(into, values):
+        if on_numpy:
             np.copyto(into, values)
-
-        def innermost_stride():
-            return source.strides[-1] // source.itemsize
-
-    else:
-
-        def copy(into, values):
+        else:
             into.copy_(values)
 
-        def innermost_stride():
-            return source.stride(-1)
-
-    if source.ndim == 0 or innermost_stride() == 1:
+    if source.ndim == 0 or _innermost_is_contiguous(source):
         copy(target, source)
         return target
     for begin in range(0, source.shape[-1], _TRANSPOSE_BLOCK):
         end = begin + _TRANSPOSE_BLOCK
         copy(target[..., begin:end], source[..., begin:end])
     return target
+
+
+def _innermost_is_contiguous(array):
+    """Whether neighbours along the last axis of `array` (numpy or PyTorch,
+    at least 1-D) are neighbours in memory."""
+    if isinstance(array, np.ndarray):
+        return array.strides[-1] == array.itemsize
+    return array.stride(-1) == 1
 
 
 def _torch_dtype(dtype):
