@@ -234,7 +234,9 @@ class _TorchRunner(_Runner):
                     graph = None
                 if graph is not None:
                     try:
-                        graph = replay_with_torchscript(graph, values, *args)
+                        graph = replay_with_torchscript(
+                            graph, values, *args, fixed_inputs=len(values)
+                        )
                     except Exception:  # replayed from Python instead
                         pass
                 graphs[key] = graph

@@ -75,10 +75,17 @@ def remove_repeated_operations(graph_module):
     return graph_module
 
 
-def replay_with_torchscript(graph_module, *example_args):
+def replay_with_torchscript(graph_module, *example_args, fixed_inputs=0):
     """Returns a function computing `graph_module(*args)` whose operations
     run in TorchScript's interpreter, traced once with `example_args` (the
     graph is recorded for fixed shapes, so nothing depends on them).
+
+    The first `fixed_inputs` tensors of the flattened arguments are ones that
+    rarely change between calls (a model's weights): the operations that
+    depend on nothing else (casts and offsets of normalization weights,
+    reciprocals of scales, views of weights, constants) run once, and again
+    only when one of those tensors is replaced or written in place
+    (`split_fixed_operations`).
 
     TorchScript's optimizer merges matrix products that share an operand
     into one product over the concatenated other operands: for the chunks of
@@ -110,22 +117,174 @@ def replay_with_torchscript(graph_module, *example_args):
         if node.op == "call_function" and node.target is torch.ops.aten.mm.default:
             node.target = torch.ops.aten.matmul.default
     flat_module = torch.fx.GraphModule(graph_module, graph)
+    prepare, flat_module = split_fixed_operations(flat_module, fixed_inputs)
+    fixed = _FixedResults(prepare, fixed_inputs)
+    example_leaves = pytree.tree_leaves(example_args)
     with warnings.catch_warnings():
         # TorchScript is in maintenance mode; its tracer still works and
         # says so.
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(
-            flat_module, tuple(pytree.tree_leaves(example_args)), check_trace=False
+            flat_module,
+            (*example_leaves, *fixed(example_leaves)),
+            check_trace=False,
         )
 
     def replay(*args):
-        results = traced(*pytree.tree_leaves(args))
+        leaves = pytree.tree_leaves(args)
+        results = traced(*leaves, *fixed(leaves))
         outputs = pytree.tree_unflatten(list(results), structure)
         if pytree_info is not None and pytree_info.out_spec is not None:
             outputs = pytree.tree_unflatten(outputs, pytree_info.out_spec)
         return outputs
 
     return replay
+
+
+# Results of fixed operations larger than this many elements are left in the
+# step (views of the inputs excepted): caching one would keep, for example,
+# a float copy of a whole int8 weight in memory.
+_MAX_CACHED_ELEMENTS = 1 << 20
+
+
+def split_fixed_operations(graph_module, fixed_inputs):
+    """Splits a graph with flat inputs in two: `prepare`, the operations
+    whose inputs are only the first `fixed_inputs` placeholders and
+    constants, returning the results the rest uses; and `step`, the rest,
+    taking those results as extra inputs after its own. Results are kept
+    only if small or views (`_MAX_CACHED_ELEMENTS`); operations writing in
+    place or drawing random numbers, and anything reading an input that some
+    operation writes, stay in `step`. `graph_module` is changed into `step`.
+    Returns `(prepare, step)`.
+
+    Example:
+
+    >>> import torch
+    >>> from torch.fx.experimental.proxy_tensor import make_fx
+    >>> def step(weight, x):
+    ...     return x * (weight + 1.0)
+    >>> recorded = make_fx(step)(torch.ones(2), torch.ones(2))
+    >>> prepare, step = split_fixed_operations(recorded, fixed_inputs=1)
+    >>> offsets = prepare(torch.full((2,), 2.0))
+    >>> offsets[0].tolist()
+    [3.0, 3.0]
+    >>> step(torch.full((2,), 2.0), torch.full((2,), 0.5), *offsets).tolist()
+    [1.5, 1.5]
+    """
+    graph = graph_module.graph
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    roots = {}
+    for node in graph.nodes:
+        viewed = node.all_input_nodes[:1] if _is_view(node.target) else ()
+        roots[node] = roots.get(viewed[0], viewed[0]) if viewed else node
+    written = {
+        roots.get(input_node, input_node)
+        for node in graph.nodes
+        if node.op == "call_function" and _writes_in_place(node.target)
+        for input_node in _written_inputs(node)
+    }
+    fixed = {node for node in placeholders[:fixed_inputs] if node not in written}
+    for node in graph.nodes:
+        if node.op == "get_attr" and node not in written:
+            fixed.add(node)
+        elif (
+            node.op == "call_function"
+            and not _writes_in_place(node.target)
+            and not _has_side_effects(node.target)
+            and roots[node] not in written
+            and all(input_node in fixed for input_node in node.all_input_nodes)
+        ):
+            fixed.add(node)
+
+    def cacheable(node):
+        # A view keeps the tensor it views alive: that one's size counts.
+        root = roots[node]
+        if node.op != "call_function" or root.op != "call_function":
+            return True
+        value, viewed = node.meta.get("val"), root.meta.get("val")
+        return (
+            isinstance(value, torch.Tensor)
+            and isinstance(viewed, torch.Tensor)
+            and viewed.numel() <= _MAX_CACHED_ELEMENTS
+        )
+
+    # Operations whose result is too large to cache go back into the step,
+    # which makes their inputs results the step needs, and so on.
+    while True:
+        needed = _needed_results(graph, fixed)
+        too_large = [node for node in needed if not cacheable(node)]
+        if not too_large:
+            break
+        fixed.difference_update(too_large)
+    needed = [node for node in needed if node.op == "call_function"]
+
+    prepare_graph = torch.fx.Graph()
+    copies = {}
+    for node in placeholders[:fixed_inputs]:
+        copies[node] = prepare_graph.placeholder(node.name, type_expr=node.type)
+    for node in graph.nodes:
+        if node in fixed and node.op != "placeholder":
+            copies[node] = prepare_graph.node_copy(node, copies.__getitem__)
+    prepare_graph.output(tuple(copies[node] for node in needed))
+    prepare = torch.fx.GraphModule(graph_module, prepare_graph)
+
+    last_input = placeholders[-1] if placeholders else None
+    for index, node in enumerate(needed):
+        with graph.inserting_after(last_input):
+            last_input = graph.placeholder(f"fixed_{index}")
+        last_input.meta = dict(node.meta)
+        node.replace_all_uses_with(last_input)
+    for node in reversed(list(graph.nodes)):
+        if node in fixed and node.op != "placeholder" and not node.users:
+            graph.erase_node(node)
+    graph_module.recompile()
+    return prepare, graph_module
+
+
+def _needed_results(graph, fixed):
+    """The nodes of `fixed` that a node outside it uses, in graph order."""
+    needed = {
+        input_node
+        for node in graph.nodes
+        if node not in fixed
+        for input_node in node.all_input_nodes
+        if input_node in fixed
+    }
+    return [node for node in graph.nodes if node in needed]
+
+
+class _FixedResults:
+    """`prepare`'s results for the fixed inputs, recomputed only when one of
+    them is another tensor or was written in place since (its version)."""
+
+    def __init__(self, prepare, fixed_inputs):
+        self.prepare = prepare
+        self.fixed_inputs = fixed_inputs
+        self.inputs = None
+        self.versions = None
+        self.results = ()
+
+    def __call__(self, leaves):
+        if not self.fixed_inputs:
+            return ()
+        inputs = leaves[: self.fixed_inputs]
+        versions = [_version(tensor) for tensor in inputs]
+        if (
+            self.inputs is None
+            or None in versions
+            or versions != self.versions
+            or any(a is not b for a, b in zip(inputs, self.inputs))
+        ):
+            self.results = tuple(self.prepare(*inputs))
+            self.inputs, self.versions = list(inputs), versions
+        return self.results
+
+
+def _version(tensor):
+    try:
+        return tensor._version
+    except RuntimeError:  # inference tensors keep no version: always rerun
+        return None
 
 
 def _key(node, roots, versions):

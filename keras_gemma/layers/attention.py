@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_gemma.layers import storage_layout
 from keras_gemma.layers.kv_cache import write_cache
 from keras_gemma.layers.projection import Projection
 from keras_gemma.layers.rms_normalization import GemmaRMSNormalization
@@ -186,6 +187,14 @@ class GemmaAttention(keras.layers.Layer):
             query,
             (batch, length, self.num_key_value_heads, groups, self.head_dim),
         )
+        compute_dtype = query.dtype
+        if storage_layout.is_half_precision(
+            compute_dtype
+        ) and storage_layout.multiplies_half_precision_slowly(query):
+            # Also more exact: the logits are no longer rounded to 16 bits.
+            query, keys, values = (
+                ops.cast(tensor, "float32") for tensor in (query, keys, values)
+            )
         logits = ops.einsum("btkgh,bskh->bkgts", query, keys)
         logits = ops.cast(logits, "float32")
         if self.logit_soft_cap is not None:
@@ -195,7 +204,8 @@ class GemmaAttention(keras.layers.Layer):
         probabilities = ops.cast(ops.softmax(logits, axis=-1), values.dtype)
         outputs = ops.einsum("bkgts,bskh->btkgh", probabilities, values)
         outputs = ops.reshape(
-            outputs, (batch, length, self.num_query_heads, self.head_dim)
+            ops.cast(outputs, compute_dtype),
+            (batch, length, self.num_query_heads, self.head_dim),
         )
         return self.attention_output(outputs)
 

@@ -5,6 +5,7 @@ TorchScript."""
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from keras_gemma.generation import torch_graph
 from keras_gemma.generation.torch_graph import (
     remove_repeated_operations,
     replay_with_torchscript,
@@ -132,3 +133,62 @@ def test_torchscript_replay_keeps_products_sharing_an_operand_apart():
     assert "MMBatchSide" not in optimized
     assert optimized.count("aten::matmul") == 8
     torch.testing.assert_close(result, rows @ weight.float().T)
+
+
+def _weights_step(weight, codes, x):
+    # `weight + 1.0` depends on the weights only; `codes.float()` too, but
+    # is larger than worth keeping; `x` changes every call.
+    return x * (weight + 1.0) + (codes.float() * x[0]).sum()
+
+
+def _weights_args():
+    return torch.randn(3), torch.ones(1 << 20 | 1, dtype=torch.int8), torch.randn(3)
+
+
+def test_operations_on_the_weights_alone_move_out_of_the_step():
+    args = _weights_args()
+    recorded = _recorded(_weights_step, *args)
+    expected = recorded(*args)
+
+    prepare, step = torch_graph.split_fixed_operations(recorded, fixed_inputs=2)
+
+    assert _count(prepare, torch.ops.aten.add.Tensor) == 1
+    assert _count(step, torch.ops.aten.add.Tensor) == 1  # the one with x
+    # the float copy of `codes` would be 4 MiB kept between calls
+    assert _count(prepare, torch.ops.aten._to_copy.default) == 0
+    assert _count(step, torch.ops.aten._to_copy.default) == 1
+    fixed = prepare(*args[:2])
+    torch.testing.assert_close(step(*args, *fixed), expected)
+
+
+def test_fixed_results_are_reused_until_a_weight_changes(monkeypatch):
+    calls = []
+    split = torch_graph.split_fixed_operations
+
+    def counting_split(graph_module, fixed_inputs):
+        prepare, step = split(graph_module, fixed_inputs)
+
+        def counted(*inputs):
+            calls.append(len(inputs))
+            return prepare(*inputs)
+
+        return counted, step
+
+    monkeypatch.setattr(torch_graph, "split_fixed_operations", counting_split)
+    weight, codes, x = _weights_args()
+    recorded = _recorded(_weights_step, weight, codes, x)
+    replay = replay_with_torchscript(recorded, weight, codes, x, fixed_inputs=2)
+
+    for _ in range(3):
+        torch.testing.assert_close(
+            replay(weight, codes, x), _weights_step(weight, codes, x)
+        )
+    assert calls == [2]  # once, for tracing and the three calls
+
+    weight.mul_(2.0)  # written in place: its version changes
+    torch.testing.assert_close(
+        replay(weight, codes, x), _weights_step(weight, codes, x)
+    )
+    other = torch.randn(3)  # another tensor
+    torch.testing.assert_close(replay(other, codes, x), _weights_step(other, codes, x))
+    assert calls == [2, 2, 2]

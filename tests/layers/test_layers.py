@@ -147,6 +147,34 @@ def test_grouped_query_attention_with_window(soft_cap):
     )
 
 
+def test_bfloat16_attention_on_cpu_multiplies_in_float32():
+    # Logits 100 and 100.25 are both 100 once rounded to bfloat16 (spacing
+    # 0.5 there), which would weigh the two values equally. The inputs are
+    # exact in bfloat16; only the products' precision is tested.
+    layer = GemmaAttention(
+        hidden_dim=4,
+        num_query_heads=1,
+        num_key_value_heads=1,
+        head_dim=4,
+        query_pre_attn_scalar=1,
+        dtype="bfloat16",
+    )
+    layer.build((None, None, 4))
+    layer.attention_output.kernel.assign(np.eye(4, dtype="float32")[None])
+    query = np.ones((1, 1, 1, 4), "float32")
+    keys = np.array([[[64, 32, 4, 0]], [[64, 32, 4, 0.25]]], "float32")[None]
+    values = np.array([[[0, 0, 0, 0]], [[1, 1, 1, 1]]], "float32")[None]
+    bfloat16 = [keras.ops.cast(x, "bfloat16") for x in (query, keys, values)]
+
+    out = layer.attend(*bfloat16, attention_mask=np.ones((1, 1, 2), bool))
+
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+    expected = 1 / (1 + math.exp(-0.25))  # 0.562, against 0.5 rounded
+    np.testing.assert_allclose(
+        _numpy(keras.ops.cast(out, "float32")), np.full((1, 1, 4), expected), rtol=1e-2
+    )
+
+
 def test_attention_rejects_bad_configuration():
     with pytest.raises(ValueError, match="num_key_value_heads"):
         GemmaAttention(
