@@ -283,7 +283,9 @@ class _FixedResults:
 def _version(tensor):
     try:
         return tensor._version
-    except RuntimeError:  # inference tensors keep no version: always rerun
+    except (RuntimeError, AttributeError):
+        # Inference tensors keep no version, and non-tensors none at all:
+        # `None` reruns every call.
         return None
 
 
