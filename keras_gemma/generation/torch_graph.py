@@ -54,8 +54,7 @@ def remove_repeated_operations(graph_module):
             roots[node] = node
             continue
         target = node.target
-        viewed = node.all_input_nodes[:1] if _is_view(target) else ()
-        roots[node] = roots.get(viewed[0], viewed[0]) if viewed else node
+        roots[node] = _viewed_root(node, roots)
         if _writes_in_place(target):
             for written in _written_inputs(node):
                 root = roots.get(written, written)
@@ -175,8 +174,7 @@ def split_fixed_operations(graph_module, fixed_inputs):
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     roots = {}
     for node in graph.nodes:
-        viewed = node.all_input_nodes[:1] if _is_view(node.target) else ()
-        roots[node] = roots.get(viewed[0], viewed[0]) if viewed else node
+        roots[node] = _viewed_root(node, roots)
     written = {
         roots.get(input_node, input_node)
         for node in graph.nodes
@@ -239,6 +237,15 @@ def split_fixed_operations(graph_module, fixed_inputs):
             graph.erase_node(node)
     graph_module.recompile()
     return prepare, graph_module
+
+
+def _viewed_root(node, roots):
+    """The node whose memory `node` views (itself if it is no view), given
+    `roots`, those of the nodes before it."""
+    inputs = node.all_input_nodes
+    if node.op != "call_function" or not inputs or not _is_view(node.target):
+        return node
+    return roots.get(inputs[0], inputs[0])
 
 
 def _needed_results(graph, fixed):
