@@ -241,6 +241,29 @@ def rows_times_matrix(rows, matrix):
     return products.permute(1, 0, 2).reshape(count, blocks * width)
 
 
+def rows_times_transpose(rows, matrix):
+    """`rows @ transpose(matrix)` for a 2D `rows` `(n, k)` and `matrix`
+    `(m, k)`, such as hidden states times a `(vocabulary, hidden)` table.
+
+    TensorFlow's own matrix product (without XLA) is slow for a few rows
+    times a transposed matrix: 2 to 15 rows times the 270M model's table
+    took 700 ms, one row 19 ms. There it is computed as
+    `transpose(matrix @ transpose(rows))` (52 ms for 2 to 16 rows, and no
+    slower for more; the same under XLA). Elsewhere as `rows_times_matrix`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> rows, matrix = np.ones((2, 3), "float32"), np.ones((4, 3), "float32")
+    >>> tuple(keras.ops.shape(rows_times_transpose(rows, matrix)))
+    (2, 4)
+    """
+    if keras.backend.backend() == "tensorflow":
+        ops = keras.ops
+        return ops.transpose(ops.matmul(matrix, ops.transpose(rows)))
+    return rows_times_matrix(rows, keras.ops.transpose(matrix))
+
+
 def _torch_thread_blocks(rows, matrix):
     """How many column blocks `rows_times_matrix` splits `matrix` into on
     PyTorch, or `None` where a single product is as fast."""

@@ -82,7 +82,7 @@ class TiedTokenEmbedding(keras.layers.ReversibleEmbedding):
         else:
             # `storage_layout` splits a few float32 rows over PyTorch's
             # threads (the parent's `matmul` runs on one).
-            logits = storage_layout.rows_times_matrix(rows, ops.transpose(table))
+            logits = storage_layout.rows_times_transpose(rows, table)
         logits = ops.reshape(logits, tuple(ops.shape(inputs)[:-1]) + (-1,))
         return self._finish(logits, reverse)
 

@@ -10,6 +10,7 @@ Compiling is the slow part on JAX and TensorFlow, so the tests share three
 models and keep to a few shape buckets and samplers.
 """
 
+import keras
 import numpy as np
 import pytest
 import torch
@@ -186,6 +187,44 @@ def test_cached_decoding_logits_equal_full_recomputation(models):
         full = reference_logits(reference, sequence, np.ones_like(sequence))[0]
         positions = np.arange(len(prompt) - 1, sequence.shape[1] - 1)
         np.testing.assert_allclose(row_logits, full[positions], atol=1e-4, rtol=0)
+
+
+def test_tensorflow_prefills_float32_models_without_xla():
+    """The prefill has no loop: on TensorFlow's CPU a float32 model's runs
+    in the graph runtime, sparing XLA's compilation; the decode loop, and
+    the prefill once the weights are int8, are compiled by XLA. Other
+    backends have no such choice."""
+    from keras_gemma import GemmaBackbone
+    from keras_gemma.generation import decode_loop
+
+    backbone = GemmaBackbone(
+        vocabulary_size=128,
+        num_layers=1,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=16,
+        intermediate_dim=32,
+        head_dim=8,
+    )
+    engine = decode_loop.DecodeEngine(backbone)
+    batch = right_padded(PROMPTS)
+    on_tensorflow = keras.backend.backend() == "tensorflow"
+
+    def compiled_by_xla():
+        return {
+            key[0]: function._jit_compile for key, function in engine._functions.items()
+        }
+
+    float_rows = engine.generate(batch["token_ids"], batch["padding_mask"], 4)
+    assert engine._graph_runtime_suffices == on_tensorflow
+    if on_tensorflow:
+        assert compiled_by_xla() == {"start": False, "advance": True}
+    backbone.quantize("int8")
+    int8_rows = engine.generate(batch["token_ids"], batch["padding_mask"], 4)
+    assert not engine._graph_runtime_suffices
+    if on_tensorflow:
+        assert compiled_by_xla() == {"start": True, "advance": True}
+    assert [len(row) for row in float_rows + int8_rows] == [4] * 6
 
 
 # -- samplers in the loop -------------------------------------------------
