@@ -232,6 +232,22 @@ def test_tokens_absent_from_the_vocabulary_are_none():
     assert set(tokenizer.special_token_ids) == {0, 1, 2, 3}
 
 
+def test_lookup_tables_are_built_when_first_needed(tiny_proto):
+    """Loading, tokenizing and decoding read no lookup table: they cost a
+    loop over every piece, 0.2 s of loading the real vocabulary."""
+    tokenizer = GemmaTokenizer(proto=tiny_proto)
+    ids = tokenizer.tokenize("<start_of_turn>model\nHi")
+    assert tokenizer.detokenize(ids) == "<start_of_turn>model\nHi"
+    assert tokenizer.end_of_turn_token_id == 6
+    assert tokenizer.vocabulary_size() > 14
+    built = vars(tokenizer._tables)
+    assert not {"pieces", "piece_ids", "special_ids", "special_mask"} & set(built)
+    assert tokenizer.detokenize(ids, skip_special_tokens=True) == "model\nHi"
+    assert {"pieces", "special_ids", "special_mask"} <= set(vars(tokenizer._tables))
+    assert tokenizer.token_to_id("<end_of_turn>") == 6
+    assert tokenizer.id_to_token(6) == "<end_of_turn>"
+
+
 # ---------------------------------------------------------------- tf.data
 
 
