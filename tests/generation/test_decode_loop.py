@@ -196,16 +196,9 @@ def test_tensorflow_prefills_float32_models_without_xla():
     backends have no such choice."""
     from keras_gemma import GemmaBackbone
     from keras_gemma.generation import decode_loop
+    from tests.tiny_configs import BASE
 
-    backbone = GemmaBackbone(
-        vocabulary_size=128,
-        num_layers=1,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        hidden_dim=16,
-        intermediate_dim=32,
-        head_dim=8,
-    )
+    backbone = GemmaBackbone(**dict(BASE, vocabulary_size=128))
     engine = decode_loop.DecodeEngine(backbone)
     batch = right_padded(PROMPTS)
     on_tensorflow = keras.backend.backend() == "tensorflow"
