@@ -1,4 +1,5 @@
-"""Writing a directory all at once: into a temporary sibling, then renamed.
+"""Writing a directory (or a cache file) all at once: into a temporary
+sibling, then renamed.
 
 A crash while the files are written leaves the earlier directory as it was;
 only the final rename replaces it. On Linux the swap of an existing
@@ -37,6 +38,31 @@ def _exchange(first, second):
         _AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE
     )
     return result == 0
+
+
+def write_cache_file(path, data):
+    """Writes the bytes `data` to `path` under a private name first, then
+    renames it in place, so a concurrent reader never sees half a file.
+    A place that cannot be written to only means no cache: returns whether
+    the file was written.
+
+    Example:
+
+    >>> import tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "cached")
+    >>> write_cache_file(path, b"ok"), open(path, "rb").read()
+    (True, b'ok')
+    """
+    staging = f"{os.fspath(path)}.{os.getpid()}.partial"
+    try:
+        with open(staging, "wb") as file:
+            file.write(data)
+        os.replace(staging, path)
+        return True
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(staging)
+        return False
 
 
 def _fsync_directory(path):

@@ -24,12 +24,13 @@ same file), and an already open ``gguf.GGUFReader`` is read through its
 fields. Both give the same result.
 """
 
-import contextlib
 import mmap
 import os
 import struct
 
 import numpy as np
+
+from keras_gemma.checkpoints.atomic_directory import write_cache_file
 
 # llama.cpp token types (gguf.constants.TokenType).
 GGUF_NORMAL = 1
@@ -479,12 +480,5 @@ def cached_sentencepiece_proto(path):
     except OSError:
         pass
     proto = gguf_to_sentencepiece_proto(path)
-    staging = f"{cache}.{os.getpid()}.partial"
-    try:
-        with open(staging, "wb") as file:
-            file.write(proto)
-        os.replace(staging, cache)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.remove(staging)
+    write_cache_file(cache, proto)
     return proto

@@ -21,6 +21,7 @@ import json
 import os
 
 from keras_gemma.checkpoints import preset_registry
+from keras_gemma.checkpoints.atomic_directory import write_cache_file
 
 KERAS_GEMMA = "keras_gemma"
 KERAS_HUB = "keras_hub"
@@ -235,10 +236,8 @@ def _assemble(package):
     if checksum and _read_text(stamp_path) == _stamp(target, checksum):
         return target
     path = package.assemble(output_path=target)
-    if checksum:
-        partial = stamp_path.with_name(f"{stamp_path.name}.{os.getpid()}.partial")
-        partial.write_text(_stamp(target, checksum))
-        os.replace(partial, stamp_path)
+    if checksum:  # where it cannot be written, each process verifies
+        write_cache_file(stamp_path, _stamp(target, checksum).encode())
     return path
 
 
@@ -254,7 +253,7 @@ def _stamp(path, checksum):
 def _read_text(path):
     try:
         return path.read_text()
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return None
 
 

@@ -5,6 +5,7 @@ download functions are replaced by ones that return local directories,
 after checking they were asked for the right repository or handle.
 """
 
+import hashlib
 import json
 
 import huggingface_hub
@@ -183,8 +184,6 @@ class _ChunkedPackage:
     CONTENT = b"GGUF and some weights"
 
     def __init__(self, directory):
-        import hashlib
-
         self.directory = directory
         self.EXPECTED_SHA256 = hashlib.sha256(self.CONTENT).hexdigest()
         self.verified = 0
@@ -193,8 +192,6 @@ class _ChunkedPackage:
         return self.directory / "model.gguf"
 
     def assemble(self, output_path=None, overwrite=False):
-        import hashlib
-
         if overwrite or not output_path.exists():
             output_path.write_bytes(self.CONTENT)
         self.verified += 1
@@ -225,3 +222,16 @@ def test_a_verified_package_file_is_not_read_again_until_it_changes(tmp_path):
     sources._assemble(package)
     sources._assemble(package)
     assert package.verified == 5
+
+
+def test_a_package_file_whose_stamp_cannot_be_written_is_verified_each_time(
+    tmp_path,
+):
+    package = _ChunkedPackage(tmp_path)
+    # A directory where the stamp would go: neither readable nor replaceable.
+    (tmp_path / "model.gguf.verified").mkdir()
+    target = sources._assemble(package)
+    assert target.read_bytes() == package.CONTENT
+    assert sources._assemble(package) == target
+    assert package.verified == 3
+    assert not list(tmp_path.glob("*.partial"))
