@@ -71,10 +71,8 @@ class _Tables:
             i
             for i, (piece, kind) in enumerate(zip(self.pieces, self._types))
             if kind in control_types
-            or (
-                piece[:1] in "<["
-                and (piece in _CONTROL_PIECES or _UNUSED_PIECE.match(piece))
-            )
+            or piece in _CONTROL_PIECES
+            or (piece[:1] == "<" and _UNUSED_PIECE.match(piece))
         )
 
     @functools.cached_property
