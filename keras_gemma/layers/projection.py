@@ -1,7 +1,5 @@
 """The dense projections of the Gemma blocks (attention and feed-forward)."""
 
-import math
-
 import keras
 from keras import ops
 
@@ -263,10 +261,10 @@ class Projection(keras.layers.EinsumDense):
                 return self._product(inputs, self._int8_as_einsum_layout(kernel))
             return ops.einsum(self._int8_equation, inputs, kernel)
         count = self._int8_contracted_count
-        contracted = math.prod(kernel.shape[-count:])
+        contracted = tuple(kernel.shape[-count:])
         rows = storage_layout.rows_times_converted_transpose(
-            ops.reshape(inputs, (-1, contracted)),
-            ops.reshape(kernel, (-1, contracted)),
+            ops.reshape(inputs, (-1,) + contracted),
+            ops.reshape(kernel, (-1,) + contracted),
             self.compute_dtype,
         )
         leading = ops.shape(inputs)[: len(inputs.shape) - count]

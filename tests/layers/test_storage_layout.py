@@ -265,6 +265,63 @@ def test_half_precision_rows_times_int8_weight_matches_numpy(dtype, rows, monkey
         assert calls == [(40, 64)]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rows", [1, 3, 20])
+def test_int8_weight_with_several_contracted_axes_matches_numpy(rows, dtype):
+    """Rows `(n, heads, size)` times a weight `(m, heads, size)`, summed over
+    both axes, as an attention output projection; compiled too on XLA."""
+    rng = np.random.default_rng(rows)
+    weight = rng.integers(-127, 127, (23, 4, 16)).astype("int8")
+    inputs = rng.normal(size=(rows, 4, 16)).astype("float32")
+    rounded = _numpy(keras.ops.cast(inputs, dtype))
+    expected = rounded.reshape(rows, -1) @ weight.reshape(23, -1).T.astype("float32")
+
+    def product(inputs, weight):
+        return rows_times_converted_transpose(
+            keras.ops.cast(inputs, dtype), weight, dtype
+        )
+
+    results = [product(inputs, keras.ops.convert_to_tensor(weight))]
+    if keras.backend.backend() == "jax":
+        import jax
+
+        results.append(jax.jit(product)(inputs, weight))
+    elif keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        results.append(tf.function(product, jit_compile=True)(inputs, weight))
+    for outputs in results:
+        assert tuple(outputs.shape) == (rows, 23)
+        tolerance = 1e-4 if dtype == "float32" else 2e-2
+        np.testing.assert_allclose(
+            _numpy(outputs), expected, rtol=tolerance, atol=tolerance * 30
+        )
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "torch", reason="XLA programs: JAX and TensorFlow"
+)
+def test_one_row_times_several_contracted_axes_is_multiplied_per_part():
+    """XLA on CPU reads a row flattened from several axes one element at a
+    time (4x slower for the 270M model's attention output projections): one
+    row is multiplied per index of the first contracted axis, in a loop that
+    carries the weight in int8 and collects the 4 partial products."""
+    weight = np.random.default_rng(0).integers(-127, 127, (64, 4, 32)).astype("int8")
+    row = np.ones((1, 4, 32), "float32")
+
+    def product(weight, row):
+        return rows_times_converted_transpose(row, weight, "float32")
+
+    text = _compiled_while_loop_text(product, weight, row)
+    loops = [line for line in text.splitlines() if " while(" in line]
+    assert len(loops) == 1, "no while loop in the compiled program"
+    assert "s8[64,4,32]" in loops[0] and "f32[4,64]" in loops[0]
+    assert "f32[64,4,32]" not in loops[0]
+    np.testing.assert_allclose(
+        _numpy(product(weight, row))[0], weight.reshape(64, -1).sum(axis=1)
+    )
+
+
 @pytest.fixture
 def two_torch_threads():
     if keras.backend.backend() != "torch":
