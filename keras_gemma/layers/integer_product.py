@@ -1,0 +1,190 @@
+"""Float rows times an int8 weight, exactly, by fbgemm's 8-bit integer
+matrix product (PyTorch on x86 CPUs).
+
+PyTorch's int8 weight-only kernel (`torch._weight_int8pack_mm`) converts
+every weight to float before multiplying. On AVX2 machines that is
+compute-bound at about 5.5 GB/s per core: the 270M model's output projection
+over its vocabulary (168 MB in int8) took 15 ms per decode step on the
+2-core machines, 30 ms on one thread. fbgemm, the library under PyTorch's
+quantized linear layers, multiplies bytes by bytes with AVX2's 8-bit
+multiply-adds: the same product in 7.4 to 8 ms.
+
+Its rows must be bytes too. Each float row `x` is split into integer parts,
+`x = s1 * a1 + s2 * a2 + ...`: `a1` is `x / s1` rounded with `s1 = max|x| /
+63`, each next part the rounded remainder at a scale 126 times finer. Parts
+stay within [-63, 63], seven bits, because AVX2's multiply-add of unsigned
+by signed bytes saturates the 16-bit sum of two products with eight. The
+parts are rows of a single product (the weight is read once), computed in
+integers, exact, and summed with their scales. Two parts leave each input
+off by at most `max|x| / 15,876`, under bfloat16's own rounding; three,
+`max|x| / 2,000,376`, for float32 rows.
+
+fbgemm multiplies a weight it has packed into its own layout: a packed copy
+is made on the first product with a weight (2 s and 168 MB for the 270M
+model's table) and kept until that weight is freed or written.
+
+Example:
+
+>>> import numpy as np
+>>> if keras.backend.backend() == "torch" and applies("float32"):
+...     import torch
+...     rows = torch.tensor([[0.5, -1.25, 3.0]])
+...     weight = torch.tensor([[1, 2, 3], [-4, 5, 127]], dtype=torch.int8)
+...     product = rows_times_transpose(rows, weight)
+...     assert torch.allclose(product, rows @ weight.float().T)
+"""
+
+import threading
+import warnings
+import weakref
+
+import keras
+
+# Integer parts are in [-_PART_LIMIT, _PART_LIMIT], stored as bytes offset
+# by _ZERO_POINT (1 to 127: seven bits, see the module's docstring).
+_PART_LIMIT = 63
+_ZERO_POINT = 64
+
+
+def applies(dtype):
+    """Whether this PyTorch build can multiply `dtype` rows this way: fbgemm
+    is one of its quantized engines (x86 builds)."""
+    import torch
+
+    return "fbgemm" in torch.backends.quantized.supported_engines and (
+        keras.backend.standardize_dtype(dtype) in ("float32", "bfloat16", "float16")
+    )
+
+
+def part_count(dtype):
+    """How many integer parts a row of `dtype` is split into: two for 16-bit
+    floats, three for float32 (see the module's docstring)."""
+    return 3 if keras.backend.standardize_dtype(dtype) == "float32" else 2
+
+
+def rows_times_transpose(rows, weight, parts=None):
+    """`rows @ transpose(weight)` in float32 for float `rows` `(n, k)` and an
+    int8 `weight` `(m, k)` on the CPU, by fbgemm, splitting each row into
+    `parts` integer parts (by default `part_count(rows.dtype)`)."""
+    import torch
+
+    _register_operation()
+    if parts is None:
+        parts = part_count(rows.dtype)
+    return torch.ops.keras_gemma.int8_rows_times_transpose(rows, weight, parts)
+
+
+def split_into_parts(rows, parts):
+    """Splits float `rows` `(n, k)` into `(integers, scales)`: `integers`
+    `(parts, n, k)` float32 holding whole numbers in [-63, 63] and `scales`
+    `(parts, n, 1)`, with `rows` close to `sum(scales * integers)`."""
+    import torch
+
+    remainder = rows.float()
+    largest = remainder.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(largest > 0, largest, 1.0) / _PART_LIMIT
+    integers, scales = [], []
+    for _ in range(parts):
+        part = torch.round(remainder / scale).clamp_(-_PART_LIMIT, _PART_LIMIT)
+        integers.append(part)
+        scales.append(scale)
+        remainder = remainder - part * scale
+        scale = scale / (2 * _PART_LIMIT)
+    return torch.stack(integers), torch.stack(scales)
+
+
+def _product(rows, weight, parts):
+    import torch
+
+    count, size = rows.shape
+    integers, scales = split_into_parts(rows, parts)
+    products = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+        integers.reshape(parts * count, size), 1.0, _ZERO_POINT, _packed(weight)
+    )
+    return (products.reshape(parts, count, -1) * scales).sum(dim=0)
+
+
+def _product_shape(rows, weight, parts):
+    import torch
+
+    return rows.new_empty((rows.shape[0], weight.shape[0]), dtype=torch.float32)
+
+
+_registered = threading.Lock()
+
+
+def _register_operation():
+    """Registers `keras_gemma::int8_rows_times_transpose` once: as one
+    PyTorch operation, a recorded decode step replays it as it is (its
+    packed weight cache included)."""
+    import torch
+
+    with _registered:
+        if hasattr(torch.ops.keras_gemma, "int8_rows_times_transpose"):
+            return
+
+        def int8_rows_times_transpose(
+            rows: torch.Tensor, weight: torch.Tensor, parts: int
+        ) -> torch.Tensor:
+            return _product(rows, weight, parts)
+
+        operation = torch.library.custom_op(
+            "keras_gemma::int8_rows_times_transpose", mutates_args=()
+        )(int8_rows_times_transpose)
+        operation.register_fake(_product_shape)
+
+
+class _PackedWeight:
+    def __init__(self, weight, packed):
+        self.weight = weakref.ref(weight)
+        self.version = _version(weight)
+        self.data_pointer = weight.data_ptr()
+        self.packed = packed
+
+
+# id(weight) -> _PackedWeight, dropped when the weight is freed.
+_packed_weights = {}
+_packing = threading.Lock()
+
+
+def _packed(weight):
+    """fbgemm's packed copy of the int8 `weight` `(m, k)`, made on first use
+    and again whenever `weight` is written in place."""
+    import torch
+
+    key = id(weight)
+    with _packing:
+        entry = _packed_weights.get(key)
+        if (
+            entry is not None
+            and entry.weight() is weight
+            and entry.version == _version(weight)
+            and entry.data_pointer == weight.data_ptr()
+        ):
+            return entry.packed
+        with warnings.catch_warnings():
+            # Quantized tensors are deprecated as a user-facing type; fbgemm's
+            # packing still takes one.
+            warnings.simplefilter("ignore")
+            quantized = torch._make_per_tensor_quantized_tensor(
+                weight.contiguous(), 1.0, 0
+            )
+            engine = torch.backends.quantized.engine
+            try:
+                torch.backends.quantized.engine = "fbgemm"
+                packed = torch.ops.quantized.linear_prepack(quantized, None)
+            finally:
+                torch.backends.quantized.engine = engine
+        if entry is None:
+            weakref.finalize(weight, _packed_weights.pop, key, None)
+        _packed_weights[key] = _PackedWeight(weight, packed)
+        return packed
+
+
+def _version(tensor):
+    """How many times `tensor` was written in place (`None` for an inference
+    tensor, which keeps no count)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None

@@ -1,0 +1,145 @@
+"""Float rows times int8 weights by fbgemm's integer product on PyTorch:
+exact up to the split of the rows into integer parts, used for vocabulary
+sized weights, replayed inside a recorded decode step."""
+
+import keras
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "torch", reason="fbgemm: PyTorch's x86 builds"
+)
+
+
+@pytest.fixture
+def integer_product():
+    from keras_gemma.layers import integer_product
+
+    if not integer_product.applies("float32"):
+        pytest.fail("this x86 PyTorch build should have fbgemm")
+    return integer_product
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_rows_split_into_integer_parts_within_the_bound(integer_product, parts):
+    import torch
+
+    rng = np.random.default_rng(parts)
+    rows = rng.normal(size=(4, 100)) * np.array([[1e-3], [1.0], [50.0], [0.0]])
+    integers, scales = integer_product.split_into_parts(
+        torch.tensor(rows, dtype=torch.float32), parts
+    )
+    integers, scales = integers.double().numpy(), scales.double().numpy()
+    assert integers.shape == (parts, 4, 100) and scales.shape == (parts, 4, 1)
+    np.testing.assert_array_equal(integers, np.round(integers))
+    assert np.abs(integers).max() <= 63
+    rebuilt = (integers * scales).sum(axis=0)
+    # Each part leaves at most half a step of the next, finer, scale.
+    bound = np.abs(rows).max(axis=1, keepdims=True) / (2 * 63 * 126 ** (parts - 1))
+    assert np.all(np.abs(rebuilt - rows) <= bound * 1.01 + 1e-9)
+    np.testing.assert_array_equal(rebuilt[3], 0.0)
+
+
+@pytest.mark.parametrize(
+    "dtype, tolerance", [("float32", 1e-5), ("bfloat16", 2e-4), ("float16", 2e-4)]
+)
+@pytest.mark.parametrize("count", [1, 5])
+def test_product_matches_float64(integer_product, dtype, tolerance, count):
+    import torch
+
+    rng = np.random.default_rng(count)
+    weight = rng.integers(-127, 128, (300, 96)).astype("int8")
+    rows = torch.tensor(rng.normal(size=(count, 96)), dtype=getattr(torch, dtype))
+    product = integer_product.rows_times_transpose(rows, torch.from_numpy(weight))
+    assert product.dtype == torch.float32 and product.shape == (count, 300)
+    expected = rows.double().numpy() @ weight.T.astype("float64")
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(product.numpy(), expected, atol=tolerance * scale)
+
+
+def test_a_weight_written_in_place_is_packed_again(integer_product):
+    import torch
+
+    weight = torch.ones((8, 4), dtype=torch.int8)
+    rows = torch.ones((1, 4))
+    assert integer_product.rows_times_transpose(rows, weight).tolist() == [[4.0] * 8]
+    weight[3] = -2
+    product = integer_product.rows_times_transpose(rows, weight)
+    assert product[0, 3].item() == -8.0 and product[0, 2].item() == 4.0
+
+
+def test_vocabulary_sized_int8_weights_go_through_fbgemm(monkeypatch):
+    """The int8 products of `storage_layout` use it from
+    `_MIN_INTEGER_PRODUCT_OUTPUTS` outputs, for float32 and 16-bit rows, and
+    not where a gradient is needed."""
+    import torch
+
+    from keras_gemma.layers import integer_product, storage_layout
+
+    calls = []
+    product = integer_product._product
+    monkeypatch.setattr(
+        integer_product,
+        "_product",
+        lambda rows, weight, parts: calls.append(parts) or product(rows, weight, parts),
+    )
+    monkeypatch.setattr(storage_layout, "_MIN_INTEGER_PRODUCT_OUTPUTS", 64)
+    rng = np.random.default_rng(0)
+    weight = torch.from_numpy(rng.integers(-127, 128, (64, 32)).astype("int8"))
+    rows = rng.normal(size=(2, 32)).astype("float32")
+    for dtype, parts, tolerance in [("float32", 3, 1e-6), ("bfloat16", 2, 1e-2)]:
+        rounded = keras.ops.cast(rows, dtype)
+        with torch.inference_mode():
+            outputs = storage_layout.rows_times_converted_transpose(
+                rounded, weight, dtype
+            )
+        assert calls[-1:] == [parts]
+        assert keras.backend.standardize_dtype(outputs.dtype) == dtype
+        expected = rounded.double().numpy() @ weight.numpy().T.astype("float64")
+        np.testing.assert_allclose(
+            outputs.double().numpy(),
+            expected,
+            atol=tolerance * np.abs(expected).max(),
+        )
+    calls.clear()
+    trained = torch.tensor(rows, requires_grad=True)
+    with torch.enable_grad():
+        outputs = storage_layout.rows_times_converted_transpose(
+            trained, weight, "float32"
+        )
+        outputs.sum().backward()
+    assert calls == []
+    np.testing.assert_allclose(
+        trained.grad.numpy(), np.broadcast_to(weight.numpy().sum(0), (2, 32))
+    )
+    narrow = weight[:63]
+    with torch.inference_mode():
+        storage_layout.rows_times_converted_transpose(rows, narrow, "float32")
+    assert calls == []
+
+
+def test_replayed_in_a_recorded_step(integer_product):
+    """Recorded by `make_fx` as one operation, which TorchScript replays."""
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from keras_gemma.generation.torch_graph import replay_with_torchscript
+
+    weight = torch.from_numpy(
+        np.random.default_rng(0).integers(-127, 128, (16, 8)).astype("int8")
+    )
+
+    def step(rows):
+        return integer_product.rows_times_transpose(rows * 2.0, weight) + 1.0
+
+    with torch.inference_mode():
+        recorded = make_fx(step)(torch.ones((1, 8)))
+        targets = {str(node.target) for node in recorded.graph.nodes}
+        assert "keras_gemma.int8_rows_times_transpose.default" in targets
+        replay = replay_with_torchscript(recorded, torch.ones((1, 8)))
+        rows = torch.arange(8.0)[None] / 8
+        np.testing.assert_allclose(
+            replay(rows).numpy(),
+            (rows * 2.0).numpy() @ weight.numpy().T.astype("float32") + 1.0,
+            rtol=1e-5,
+        )
