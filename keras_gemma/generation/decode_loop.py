@@ -14,9 +14,9 @@ compiles it and drives the loop:
   the steps and the caches in the loop carry (XLA updates them in place).
   The streaming step function donates its state.
 - TensorFlow: `tf.function(jit_compile=True)` around the same function with
-  `tf.while_loop`. On CPU a float32 model's prefill, which has no loop,
-  runs in TensorFlow's graph runtime instead: as fast there, without XLA's
-  compilation (see `_graph_runtime_suffices`).
+  `tf.while_loop`. On CPU a float32 model's prefill of a short prompt,
+  which has no loop, runs in TensorFlow's graph runtime instead: about as
+  fast there, without XLA's compilation (see `_graph_runtime_suffices`).
 - PyTorch: under `torch.inference_mode()`, the caches are allocated once
   by the prefill and written in place. One model step is recorded per
   shape bucket as a graph of aten operations (`torch.fx` `make_fx`) and
@@ -299,6 +299,11 @@ def _start_columns(padding_mask):
     return width - ops.sum(_int32(padding_mask), axis=1)
 
 
+# Prefills of more prompt tokens than this are compiled by XLA on
+# TensorFlow even where `_graph_runtime_suffices`.
+_GRAPH_RUNTIME_MAX_PROMPT_TOKENS = 1024
+
+
 def _graph_runtime_suffices(backbone):
     """Whether a program without loops (the prefill) of `backbone` runs in
     TensorFlow's graph runtime rather than compiled by XLA.
@@ -308,7 +313,11 @@ def _graph_runtime_suffices(backbone):
     16-token prompt prefills in 77 ms by both, while 200 and 1,000 tokens
     (or 4 prompts of 16) take 10-20% longer in the graph runtime. The first
     token of each prompt bucket comes about 1.9 s sooner (4.4 -> 2.6 s),
-    the compilation of ten or more such prefills. Loops are always
+    the compilation of ten or more such prefills. Longer prompts lose more
+    (2,048 tokens: 6.0 against 4.8 s; 4,096: 19.9 against 14.8 s, where
+    the graph runtime's first call is already the slower), so prompts of
+    more than `_GRAPH_RUNTIME_MAX_PROMPT_TOKENS` tokens (the batch's, in
+    its bucket) are compiled whatever this says. Loops are always
     compiled (the graph runtime pays per operation and iteration), and so
     are 16-bit and int8 models, whose speed comes from XLA fusing each
     weight's conversion into its product (bfloat16+int8 prefill: 90 ms
@@ -620,7 +629,14 @@ class DecodeEngine:
             )
         return self._functions[key]
 
-    def _function(self, kind, sampler, record_logits=False):
+    def _function(self, kind, sampler, record_logits=False, prompt_tokens=0):
+        """The compiled `kind` program of `sampler`; a prefill (`"start"`)
+        of `prompt_tokens` (batch times bucketed width) may skip XLA (see
+        `_graph_runtime_suffices`)."""
+        loop_free = (
+            kind == "start" and prompt_tokens <= _GRAPH_RUNTIME_MAX_PROMPT_TOKENS
+        )
+
         def make_function():
             program_class = _BeamProgram if sampler.is_beam_search else _TokenProgram
             program = program_class(
@@ -634,10 +650,10 @@ class DecodeEngine:
             return getattr(program, kind)
 
         return self._compiled(
-            (kind, sampler.cache_key(), record_logits),
+            (kind, sampler.cache_key(), record_logits, loop_free),
             make_function,
             donate_state=kind == "advance",
-            loop_free=kind == "start",
+            loop_free=loop_free,
         )
 
     # -- host-side preparation ---------------------------------------------
@@ -764,7 +780,12 @@ class DecodeEngine:
             # functions `stream` uses: the first token needs only the
             # prefill's program (half or less of the compile time on JAX
             # and TensorFlow), and `stream` compiles nothing after `generate`.
-            start = self._function("start", sampler, record_logits=return_logits)
+            start = self._function(
+                "start",
+                sampler,
+                record_logits=return_logits,
+                prompt_tokens=inputs["token_ids"].size,
+            )
             state = start(tensors)
             if limits.max() > 1:
                 advance = self._function(
@@ -807,7 +828,7 @@ class DecodeEngine:
         if limits.size == 0 or limits.max() == 0:
             yield [np.zeros((0,), np.int32) for _ in limits]
             return
-        start = self._function("start", sampler)
+        start = self._function("start", sampler, prompt_tokens=inputs["token_ids"].size)
         advance = self._function("advance", sampler)
         num_steps = int(limits.max())
         state = start(self._to_tensors(inputs))

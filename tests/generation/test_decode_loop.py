@@ -220,6 +220,33 @@ def test_tensorflow_prefills_float32_models_without_xla():
     assert [len(row) for row in float_rows + int8_rows] == [4] * 6
 
 
+def test_tensorflow_compiles_the_prefill_of_a_long_prompt(monkeypatch):
+    """Past `_GRAPH_RUNTIME_MAX_PROMPT_TOKENS` prompt tokens (the batch
+    times its bucketed width), XLA's faster prefill pays for its
+    compilation: the same float32 model's prefill is then compiled, and a
+    short prompt's still runs in the graph runtime."""
+    from keras_gemma import GemmaBackbone
+    from keras_gemma.generation import decode_loop
+    from tests.tiny_configs import BASE
+
+    monkeypatch.setattr(decode_loop, "_GRAPH_RUNTIME_MAX_PROMPT_TOKENS", 32)
+    engine = decode_loop.DecodeEngine(GemmaBackbone(**dict(BASE, vocabulary_size=128)))
+    short = right_padded(PROMPTS[:2])  # 2 x 16 tokens
+    long = right_padded(PROMPTS)  # 3 x 16
+    short_rows = engine.generate(short["token_ids"], short["padding_mask"], 3)
+    long_rows = engine.generate(long["token_ids"], long["padding_mask"], 3)
+    starts = {
+        key[-1]: function
+        for key, function in engine._functions.items()
+        if key[0] == "start"
+    }
+    assert set(starts) == {True, False}  # one prefill program each
+    if keras.backend.backend() == "tensorflow":
+        assert not starts[True]._jit_compile and starts[False]._jit_compile
+    for row, expected in zip(long_rows, short_rows):
+        np.testing.assert_array_equal(row, expected)
+
+
 # -- samplers in the loop -------------------------------------------------
 
 
