@@ -326,6 +326,37 @@ def test_one_row_times_several_contracted_axes_is_multiplied_per_part():
     )
 
 
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX's XLA programs")
+@pytest.mark.parametrize("rows, summed", [(2, False), (4, True), (16, True)])
+def test_a_few_rows_times_int8_weight_read_once_on_jax(rows, summed):
+    """From 3 rows, one product summed over the contracted axes, which XLA
+    hands to YNNPACK as one fused reduction reading each int8 weight once
+    for all the rows: no loop over them, no converted weight written. 2
+    rows go one at a time (a loop)."""
+    import jax
+
+    weight = np.random.default_rng(0).integers(-127, 127, (128, 4, 16)).astype("int8")
+    inputs = np.random.default_rng(1).normal(size=(rows, 4, 16)).astype("float32")
+
+    def product(weight, inputs):
+        return rows_times_converted_transpose(inputs, weight, "float32")
+
+    text = jax.jit(product).lower(weight, inputs).compile().as_text()
+    entry = text[text.index("ENTRY") :]
+    entry = entry[: entry.index("\n}")]
+    assert (" while(" in entry) == (not summed)
+    if summed:
+        assert not re.search(r"= f32\[128,(4,16|64)\]", entry)
+        assert not re.search(rf"= f32\[128,{rows},(4,16|64)\]", entry)
+        assert re.search(rf"= f32\[128,{rows}\]\S* fusion\(", entry)
+    expected = inputs.reshape(rows, -1) @ weight.reshape(128, -1).T.astype("float32")
+    np.testing.assert_allclose(
+        _numpy(product(weight, inputs)),
+        expected,
+        atol=1e-6 * np.abs(expected).max(),
+    )
+
+
 @pytest.fixture
 def two_torch_threads():
     if keras.backend.backend() != "torch":
