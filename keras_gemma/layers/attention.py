@@ -192,6 +192,12 @@ class GemmaAttention(keras.layers.Layer):
             compute_dtype
         ) and storage_layout.multiplies_half_precision_slowly(query):
             # Also more exact: the logits are no longer rounded to 16 bits.
+            # The barrier keeps XLA from fusing a cache's update into both
+            # the stored cache and its float32 copy read here: it then
+            # copied each whole cache every decode step to update it in
+            # place (measured on JAX, 270M model in bfloat16+int8: 65 -> 68
+            # tok/s with 144 cached tokens, 45 -> 57 with 2,048).
+            keys, values = storage_layout.optimization_barrier(keys, values)
             query, keys, values = (
                 ops.cast(tensor, "float32") for tensor in (query, keys, values)
             )

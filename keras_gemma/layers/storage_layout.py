@@ -192,21 +192,49 @@ def converted_where_used(weight, inputs, dtype):
     63 with the barrier), but needs no operation that TensorFlow might lack
     a kernel for without XLA. Returns `(converted_weight, inputs)`.
     """
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        weight, inputs = jax.lax.optimization_barrier((weight, inputs))
-    elif backend == "tensorflow":
+    if _has_optimization_barrier():
+        weight, inputs = optimization_barrier(weight, inputs)
+    elif keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        if not tf.executing_eagerly() and is_xla_on_cpu():
-            weight, inputs = _tensorflow_optimization_barrier(weight, inputs)
-        elif not tf.executing_eagerly():
+        if not tf.executing_eagerly():
             first = keras.ops.reshape(inputs, (-1,))[0]
             zero = keras.ops.minimum(keras.ops.abs(first), 0)
             weight = weight + keras.ops.cast(zero, weight.dtype)
     return keras.ops.cast(weight, dtype), inputs
+
+
+def optimization_barrier(*tensors):
+    """`tensors`, unchanged, behind XLA's optimization barrier where there
+    is one to put (JAX; TensorFlow tracing a function for CPU), which keeps
+    XLA from moving or fusing computations across it; elsewhere as given.
+    Returns a tuple.
+
+    Example:
+
+    >>> import numpy as np
+    >>> keys, values = optimization_barrier(np.ones(2), np.zeros(2))
+    >>> keras.ops.convert_to_numpy(keys).tolist()
+    [1.0, 1.0]
+    """
+    if not _has_optimization_barrier():
+        return tensors
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return tuple(jax.lax.optimization_barrier(tensors))
+    return tuple(_tensorflow_optimization_barrier(*tensors))
+
+
+def _has_optimization_barrier():
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return True
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return not tf.executing_eagerly() and is_xla_on_cpu()
+    return False
 
 
 def _tensorflow_optimization_barrier(*tensors):

@@ -1,6 +1,7 @@
 """Each layer against a direct numpy statement of its math."""
 
 import math
+import re
 
 import keras
 import numpy as np
@@ -173,6 +174,50 @@ def test_bfloat16_attention_on_cpu_multiplies_in_float32():
     np.testing.assert_allclose(
         _numpy(keras.ops.cast(out, "float32")), np.full((1, 1, 4), expected), rtol=1e-2
     )
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="inspects XLA's program")
+def test_bfloat16_decode_updates_the_cache_in_place_on_jax():
+    """A bfloat16 cache read in float32 is updated in place each step: XLA
+    copies no whole cache in the decode loop."""
+    import jax
+
+    layer = GemmaAttention(
+        hidden_dim=16,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        dtype="bfloat16",
+    )
+    layer.build((None, None, 16))
+    cache_length = 24
+
+    def decode(keys, values, hidden):
+        def step(index, carry):
+            keys, values, hidden = carry
+            allowed = (keras.ops.arange(cache_length) <= index)[None, None]
+            hidden, (keys, values) = layer(
+                hidden,
+                positions=keras.ops.reshape(index, (1, 1)),
+                attention_mask=allowed,
+                cache=(keys, values),
+                cache_index=index,
+            )
+            return keys, values, hidden
+
+        return jax.lax.fori_loop(0, cache_length, step, (keys, values, hidden))
+
+    cache = keras.ops.zeros((1, cache_length, 1, 8), "bfloat16")
+    hidden = keras.ops.ones((1, 1, 16), "bfloat16")
+    text = jax.jit(decode).lower(cache, cache, hidden).compile().as_text()
+    body_name = re.search(r" while\(.*?body=%?([\w.-]+)", text).group(1)
+    body = text[re.search(rf"^%?{re.escape(body_name)} ", text, re.M).start() :]
+    body = body[: body.index("\n}")]
+    assert re.search(rf"= bf16\[1,{cache_length},1,8\]\S* fusion\(", body)
+    assert not re.search(rf"= bf16\[1,{cache_length},1,8\]\S* copy\(", body)
+    keys, values, _ = decode(cache, cache, hidden)
+    assert np.all(_numpy(keras.ops.cast(keys, "float32")) != 0)
 
 
 def test_attention_rejects_bad_configuration():
