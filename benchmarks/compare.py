@@ -15,7 +15,7 @@ Speed, per backend, in one worker process: every implementation is loaded
 and warmed up (compiled), then the timed repeats alternate between them
 (A B C, C B A, A B C, ...) so machine noise hits all of them alike. Each
 repeat times `generate` for 1 new token and for `--new-tokens` (stopping
-disabled): prefill tokens/s = prompt tokens / time to one token; decode
+disabled), after one untimed call for 1 token: prefill tokens/s = prompt tokens / time to one token; decode
 tokens/s = (new tokens - 1) / (difference of the two). keras-gemma is also
 timed on its compiled prefill and decode calls separately (the
 `keras-gemma bench` numbers), and llama.cpp on its first versus later
@@ -503,6 +503,10 @@ def worker(spec, **_):
     for repeat in range(spec["repeats"]):
         order = impls if repeat % 2 == 0 else impls[::-1]
         for impl in order:
+            # Untimed: the first call after another implementation ran (or
+            # after the machine idled) is 30-90 ms slower, for every
+            # implementation, llama.cpp included (measured).
+            impl.generate(token_ids, 1)
             one, _ = _timed(impl.generate, token_ids, 1)
             full, _ = _timed(impl.generate, token_ids, new)
             samples[impl.label].append((one, full))
