@@ -15,8 +15,9 @@ Speed, per backend, in one worker process: every implementation is loaded
 and warmed up (compiled), then the timed repeats alternate between them
 (A B C, C B A, A B C, ...) so machine noise hits all of them alike. Each
 repeat times `generate` for 1 new token and for `--new-tokens` (stopping
-disabled), after one untimed call for 1 token: prefill tokens/s = prompt tokens / time to one token; decode
-tokens/s = (new tokens - 1) / (difference of the two). keras-gemma is also
+disabled), after one untimed call for 1 token: prefill tokens/s = prompt
+tokens / time to one token; decode tokens/s = (new tokens - 1) /
+(difference of the two). keras-gemma is also
 timed on its compiled prefill and decode calls separately (the
 `keras-gemma bench` numbers), and llama.cpp on its first versus later
 tokens. Medians are reported, and ratios of keras-gemma to each other.
