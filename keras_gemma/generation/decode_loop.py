@@ -197,15 +197,14 @@ class _TorchRunner(_Runner):
 
     def capture(self, function, variables, on_trace):
         """Records the aten operations of one model step per input shapes
-        (`make_fx`) and replays them: the Keras layer machinery runs once
-        per shape bucket instead of at every token, operations repeated on
-        the same inputs are recorded once, and the replay runs in
-        TorchScript's interpreter where it can (`torch_graph`). The variables
-        are inputs of the recorded graph, so it always sees their current
-        values; cache writes stay in place."""
-        from torch.fx.experimental.proxy_tensor import make_fx
-
+        (`torch_graph.record_operations`) and replays them: the Keras layer
+        machinery runs once per shape bucket instead of at every token,
+        operations repeated on the same inputs are recorded once, and the
+        replay runs in TorchScript's interpreter where it can
+        (`torch_graph`). The variables are inputs of the recorded graph, so
+        it always sees their current values; cache writes stay in place."""
         from keras_gemma.generation.torch_graph import (
+            record_operations,
             remove_repeated_operations,
             replay_with_torchscript,
         )
@@ -228,7 +227,7 @@ class _TorchRunner(_Runner):
                 on_trace()
                 try:
                     graph = remove_repeated_operations(
-                        make_fx(stateless)(values, *args)
+                        record_operations(stateless, values, *args)
                     )
                 except Exception as error:  # an operation make_fx cannot record
                     warnings.warn(

@@ -27,6 +27,32 @@ import torch
 import torch.utils._pytree as pytree
 
 
+def record_operations(function, *args):
+    """`make_fx(function)(*args)`: the aten operations `function` runs on
+    `args` (real tensors, run as they are recorded), as a graph module.
+
+    `make_fx` describes each result in its graph with a tensor of a fake
+    tensor mode; without one active, it creates a mode per result, and each
+    mode records the Python stack it was made from (about 0.8 ms under the
+    Keras layers' deep stacks: 3 of the 6 s spent recording the 270M
+    model's decode step). One mode, made current by a tracing context,
+    serves them all.
+
+    Example:
+
+    >>> import torch
+    >>> graph_module = record_operations(torch.sin, torch.zeros(2))
+    >>> graph_module(torch.full((2,), torch.pi / 2)).tolist()
+    [1.0, 1.0]
+    """
+    from torch._guards import TracingContext, tracing
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True))):
+        return make_fx(function)(*args)
+
+
 def remove_repeated_operations(graph_module):
     """Drops, in place, every operation of `graph_module` that repeats an
     earlier one on the same inputs, then recompiles it. Returns it.

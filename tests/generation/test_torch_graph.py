@@ -3,10 +3,11 @@ reads that an in-place write separates; the step replayed through
 TorchScript."""
 
 import torch
-from torch.fx.experimental.proxy_tensor import make_fx
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from keras_gemma.generation import torch_graph
 from keras_gemma.generation.torch_graph import (
+    record_operations,
     remove_repeated_operations,
     replay_with_torchscript,
 )
@@ -17,7 +18,35 @@ def _count(graph_module, target):
 
 
 def _recorded(step, *args):
-    return make_fx(step)(*args)
+    return record_operations(step, *args)
+
+
+def test_recording_describes_every_result_with_one_fake_tensor_mode(monkeypatch):
+    modes = []
+    make_mode = FakeTensorMode.__init__
+
+    def counted(self, *args, **kwargs):
+        modes.append(self)
+        make_mode(self, *args, **kwargs)
+
+    monkeypatch.setattr(FakeTensorMode, "__init__", counted)
+
+    def step(x):
+        for _ in range(10):
+            x = torch.sin(x) * 2.0
+        return x.sum(dim=0)
+
+    recorded = record_operations(step, torch.ones(3, 2))
+
+    assert len(modes) == 1  # make_fx alone makes one per result (22 here)
+    shapes = [
+        tuple(node.meta["val"].shape)
+        for node in recorded.graph.nodes
+        if node.op == "call_function"
+    ]
+    assert shapes == [(3, 2)] * 20 + [(2,)]
+    x = torch.randn(3, 2)
+    torch.testing.assert_close(recorded(x), step(x))
 
 
 def test_repeated_operations_are_computed_once_with_the_same_results():
