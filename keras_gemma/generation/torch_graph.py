@@ -26,6 +26,8 @@ import warnings
 import torch
 import torch.utils._pytree as pytree
 
+from keras_gemma.layers import storage_layout
+
 
 def record_operations(function, *args):
     """`make_fx(function)(*args)`: the aten operations `function` runs on
@@ -301,7 +303,8 @@ class _FixedResults:
         if not self.fixed_inputs:
             return ()
         inputs = leaves[: self.fixed_inputs]
-        versions = [_version(tensor) for tensor in inputs]
+        # `None` (no count kept) reruns every call.
+        versions = [storage_layout.torch_write_count(tensor) for tensor in inputs]
         if (
             self.inputs is None
             or None in versions
@@ -311,15 +314,6 @@ class _FixedResults:
             self.results = tuple(self.prepare(*inputs))
             self.inputs, self.versions = list(inputs), versions
         return self.results
-
-
-def _version(tensor):
-    try:
-        return tensor._version
-    except (RuntimeError, AttributeError):
-        # Inference tensors keep no version, and non-tensors none at all:
-        # `None` reruns every call.
-        return None
 
 
 def _key(node, roots, versions):

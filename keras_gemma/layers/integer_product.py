@@ -40,6 +40,8 @@ import weakref
 
 import keras
 
+from keras_gemma.layers import storage_layout
+
 # Integer parts are in [-_PART_LIMIT, _PART_LIMIT], stored as bytes offset
 # by _ZERO_POINT (1 to 127: seven bits, see the module's docstring).
 _PART_LIMIT = 63
@@ -48,11 +50,14 @@ _ZERO_POINT = 64
 
 def applies(dtype):
     """Whether this PyTorch build can multiply `dtype` rows this way: fbgemm
-    is one of its quantized engines (x86 builds)."""
+    is one of its quantized engines (x86 builds), and quantized tensors,
+    which PyTorch deprecates but fbgemm's packing takes, still exist."""
     import torch
 
-    return "fbgemm" in torch.backends.quantized.supported_engines and (
-        keras.backend.standardize_dtype(dtype) in ("float32", "bfloat16", "float16")
+    return (
+        "fbgemm" in torch.backends.quantized.supported_engines
+        and hasattr(torch, "_make_per_tensor_quantized_tensor")
+        and keras.backend.standardize_dtype(dtype) in ("float32", "bfloat16", "float16")
     )
 
 
@@ -137,7 +142,7 @@ def _register_operation():
 class _PackedWeight:
     def __init__(self, weight, packed):
         self.weight = weakref.ref(weight)
-        self.version = _version(weight)
+        self.version = storage_layout.torch_write_count(weight)
         self.data_pointer = weight.data_ptr()
         self.packed = packed
 
@@ -158,7 +163,7 @@ def _packed(weight):
         if (
             entry is not None
             and entry.weight() is weight
-            and entry.version == _version(weight)
+            and entry.version == storage_layout.torch_write_count(weight)
             and entry.data_pointer == weight.data_ptr()
         ):
             return entry.packed
@@ -179,12 +184,3 @@ def _packed(weight):
             weakref.finalize(weight, _packed_weights.pop, key, None)
         _packed_weights[key] = _PackedWeight(weight, packed)
         return packed
-
-
-def _version(tensor):
-    """How many times `tensor` was written in place (`None` for an inference
-    tensor, which keeps no count)."""
-    try:
-        return tensor._version
-    except RuntimeError:
-        return None

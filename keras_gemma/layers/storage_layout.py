@@ -599,6 +599,26 @@ def _torch_converts_in_place(rows, weight):
 _torch_scratch = threading.local()
 
 
+def torch_write_count(tensor):
+    """How many times the PyTorch `tensor` was written in place: `None` for
+    an inference tensor, which keeps no count, or anything not a tensor.
+
+    Example:
+
+    >>> if keras.backend.backend() == "torch":
+    ...     import torch
+    ...     tensor = torch.zeros(2)
+    ...     before = torch_write_count(tensor)
+    ...     _ = tensor.add_(1.0)
+    ...     assert torch_write_count(tensor) == before + 1
+    ...     assert torch_write_count(3) is None
+    """
+    try:
+        return tensor._version
+    except (RuntimeError, AttributeError):
+        return None
+
+
 def _torch_scratch_buffer(size, dtype, device):
     """A buffer of at least `size` elements, kept per thread, dtype and
     device, that the converted chunks of int8 weights are written into.

@@ -143,3 +143,23 @@ def test_replayed_in_a_recorded_step(integer_product):
             (rows * 2.0).numpy() @ weight.numpy().T.astype("float32") + 1.0,
             rtol=1e-5,
         )
+
+
+def test_a_build_without_quantized_tensors_multiplies_without_fbgemm(monkeypatch):
+    """PyTorch deprecates quantized tensors, which fbgemm's packing takes:
+    where they are gone, vocabulary-sized products take the int8 kernel."""
+    import torch
+
+    from keras_gemma.layers import integer_product, storage_layout
+
+    monkeypatch.delattr(torch, "_make_per_tensor_quantized_tensor")
+    monkeypatch.setattr(storage_layout, "_MIN_INTEGER_PRODUCT_OUTPUTS", 64)
+    assert not integer_product.applies("float32")
+    rng = np.random.default_rng(0)
+    weight = torch.from_numpy(rng.integers(-127, 128, (64, 32)).astype("int8"))
+    rows = torch.from_numpy(rng.normal(size=(2, 32)).astype("float32"))
+    with torch.inference_mode():
+        outputs = storage_layout.rows_times_converted_transpose(rows, weight, "float32")
+    np.testing.assert_allclose(
+        outputs.numpy(), rows.numpy() @ weight.numpy().T.astype("float32"), rtol=1e-5
+    )
