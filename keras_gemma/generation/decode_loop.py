@@ -203,6 +203,8 @@ class _TorchRunner(_Runner):
         replay runs in TorchScript's interpreter where it can
         (`torch_graph`). The variables are inputs of the recorded graph, so
         it always sees their current values; cache writes stay in place."""
+        import torch.utils._pytree as pytree
+
         from keras_gemma.generation.torch_graph import (
             record_operations,
             remove_repeated_operations,
@@ -220,7 +222,7 @@ class _TorchRunner(_Runner):
         def call(*args):
             key = tuple(
                 (tuple(tensor.shape), tensor.dtype, tensor.device)
-                for tensor in keras.tree.flatten(args)
+                for tensor in pytree.tree_leaves(args)
             )
             values = [variable.value for variable in variables]
             if key not in graphs:
