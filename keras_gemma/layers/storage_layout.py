@@ -313,9 +313,32 @@ def rows_times_transpose(rows, matrix):
     (2, 4)
     """
     if keras.backend.backend() == "tensorflow":
-        ops = keras.ops
-        return ops.transpose(ops.matmul(matrix, ops.transpose(rows)))
+        return _tensorflow_rows_times_transpose(rows, matrix)
     return rows_times_matrix(rows, keras.ops.transpose(matrix))
+
+
+def _tensorflow_rows_times_transpose(rows, matrix):
+    """`rows_times_transpose` on TensorFlow, with its gradients as plain
+    products: TensorFlow's own gradient of the transposed form multiplies
+    the upstream gradient by the transposed matrix (the 270M model's table
+    in a rank-4 LoRA step on 64 tokens: 291 ms, against 158 ms as
+    `upstream @ matrix`)."""
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def product(rows, matrix):
+        def gradient(upstream):
+            return (
+                tf.matmul(upstream, matrix),
+                tf.matmul(upstream, rows, transpose_a=True),
+            )
+
+        return tf.transpose(tf.matmul(matrix, rows, transpose_b=True)), gradient
+
+    # Promoted to one dtype as `ops.matmul` does (float16 rows of a mixed
+    # precision model times a float32 table: float32).
+    dtype = keras.backend.result_type(rows.dtype, matrix.dtype)
+    return product(keras.ops.cast(rows, dtype), keras.ops.cast(matrix, dtype))
 
 
 def _torch_thread_blocks(rows, matrix):
