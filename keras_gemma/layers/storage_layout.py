@@ -303,7 +303,9 @@ def rows_times_transpose(rows, matrix):
     times a transposed matrix: 2 to 15 rows times the 270M model's table
     took 700 ms, one row 19 ms. There it is computed as
     `transpose(matrix @ transpose(rows))` (52 ms for 2 to 16 rows, and no
-    slower for more; the same under XLA). Elsewhere as `rows_times_matrix`.
+    slower for more; the same under XLA), with plain products as its
+    gradients (`_tensorflow_rows_times_transpose`). Elsewhere as
+    `rows_times_matrix`.
 
     Example:
 
