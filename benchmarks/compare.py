@@ -17,11 +17,11 @@ and warmed up (compiled), then the timed repeats alternate between them
 repeat times `generate` for 1 new token and for `--new-tokens` (stopping
 disabled), after one untimed call for 1 token: prefill tokens/s = prompt
 tokens / time to one token; decode tokens/s = (new tokens - 1) /
-(difference of the two). keras-gemma is also
-timed on its compiled prefill and decode calls separately (the
-`keras-gemma bench` numbers), and llama.cpp on its first versus later
-tokens. Medians are reported, and ratios of keras-gemma to each other.
-LoRA training steps (rank 4) alternate between keras-gemma and keras-hub.
+(difference of the two). keras-gemma is also timed on its compiled prefill
+and decode calls separately (the `keras-gemma bench` numbers), and
+llama.cpp on its first versus later tokens. Medians are reported, and
+ratios of keras-gemma to each other. LoRA training steps (rank 4)
+alternate between keras-gemma and keras-hub.
 
 Cold start, per backend and implementation, in fresh processes: seconds
 from launch to the first generated token (imports, loading, compiling),
