@@ -732,7 +732,7 @@ def speed_comparison(args):
     )
     if "error" in prepared:
         raise SystemExit(
-            f"prepare failed: {prepared['error']}\n{prepared['stderr_tail']}"
+            f"prepare failed: {prepared['error']}\n{prepared.get('stderr_tail', '')}"
         )
     prepared.update(gguf=gguf, llama_cpp=llama_cpp)
     builtin = args.model in BUILTIN
@@ -776,7 +776,7 @@ def speed_comparison(args):
         steady = run_child("worker", spec, backend, args.threads, args.timeout)
         if "error" in steady:
             log(
-                f"[{backend}] worker failed: {steady['error']}\n{steady['stderr_tail']}"
+                f"[{backend}] worker failed: {steady['error']}\n{steady.get('stderr_tail', '')}"
             )
         cold = _cold_starts(args, spec, backend, prepared, against)
         report["backends"][backend] = {
