@@ -1,5 +1,6 @@
-"""Float rows times an int8 weight, exactly, by fbgemm's 8-bit integer
-matrix product (PyTorch on x86 CPUs).
+"""Float rows times an int8 weight, exactly, by 8-bit integer matrix
+products: fbgemm's on PyTorch (x86 CPUs), XLA's on JAX and TensorFlow
+(CPUs with byte dot-product instructions).
 
 PyTorch's int8 weight-only kernel (`torch._weight_int8pack_mm`) converts
 every weight to float before multiplying. On AVX2 machines that is
@@ -7,7 +8,10 @@ compute-bound at about 5.5 GB/s per core: the 270M model's output projection
 over its vocabulary (168 MB in int8) took 15 ms per decode step on the
 2-core machines, 30 ms on one thread. fbgemm, the library under PyTorch's
 quantized linear layers, multiplies bytes by bytes with AVX2's 8-bit
-multiply-adds: the same product in 7.4 to 8 ms.
+multiply-adds: the same product in 7.4 to 8 ms. XLA on CPU, converting each
+weight as it reads it, took 19 ms of each 31 ms decode step of the 270M
+model in bfloat16+int8 on a 2-core Xeon with AVX-512 (JAX; 7 ms on the AMD
+EPYC machines); its int8 dot, which XLA hands to YNNPACK, 10 ms.
 
 Its rows must be bytes too. Each float row `x` is split into integer parts,
 `x = s1 * a1 + s2 * a2 + ...`: `a1` is `x / s1` rounded with `s1 = max|x| /
@@ -21,7 +25,8 @@ off by at most `max|x| / 15,876`, under bfloat16's own rounding; three,
 
 fbgemm multiplies a weight it has packed into its own layout: a packed copy
 is made on the first product with a weight (2 s and 168 MB for the 270M
-model's table) and kept until that weight is freed or written.
+model's table) and kept until that weight is freed or written. XLA reads the
+weight as stored.
 
 Example:
 
@@ -34,11 +39,13 @@ Example:
 ...     assert torch.allclose(product, rows @ weight.float().T)
 """
 
+import functools
 import threading
 import warnings
 import weakref
 
 import keras
+from keras import ops
 
 from keras_gemma.layers import storage_layout
 
@@ -79,23 +86,108 @@ def rows_times_transpose(rows, weight, parts=None):
     return torch.ops.keras_gemma.int8_rows_times_transpose(rows, weight, parts)
 
 
+# XLA's int8 product (YNNPACK's kernels) of one or two rows took 12-80 ms for
+# the 270M model's table, of four or more 10 ms: fewer are padded with zeros.
+_XLA_MIN_PRODUCT_ROWS = 4
+
+
+def xla_rows_times_transpose(rows, weight, parts=None):
+    """`rows @ transpose(weight)` in float32 for float `rows` `(n, k)` and an
+    int8 `weight` `(m, k)`, by XLA's 8-bit integer product (JAX, or
+    TensorFlow inside a compiled function), splitting each row into `parts`
+    integer parts (by default `part_count(rows.dtype)`). The gradient for
+    `rows` is `upstream @ weight`, in float32.
+
+    Example:
+
+    >>> import numpy as np
+    >>> rows = np.array([[0.5, -1.25, 3.0]], "float32")
+    >>> weight = np.array([[1, 2, 3], [-4, 5, 127]], "int8")
+    >>> if keras.backend.backend() in ("jax", "tensorflow"):
+    ...     product = xla_rows_times_transpose(rows, weight)
+    ...     np.testing.assert_allclose(
+    ...         ops.convert_to_numpy(product), rows @ weight.T, rtol=1e-6
+    ...     )
+    """
+    if parts is None:
+        parts = part_count(keras.backend.standardize_dtype(rows.dtype))
+
+    @ops.custom_gradient
+    def product(rows, weight):
+        def gradient(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            converted = ops.cast(weight, "float32")
+            return ops.cast(ops.matmul(upstream, converted), rows.dtype), None
+
+        return _xla_product(rows, weight, parts), gradient
+
+    return product(rows, weight)
+
+
+def _xla_product(rows, weight, parts):
+    count = rows.shape[0]
+    integers, scales = split_into_parts(rows, parts)
+    flat = ops.cast(ops.reshape(integers, (parts * count, -1)), "int8")
+    padding = _XLA_MIN_PRODUCT_ROWS - parts * count
+    if padding > 0:
+        flat = ops.pad(flat, ((0, padding), (0, 0)))
+    weight, flat = storage_layout.optimization_barrier(weight, flat)
+    if keras.backend.backend() == "jax":
+        import jax
+
+        products = jax.lax.dot_general(
+            flat, weight, (((1,), (1,)), ((), ())), preferred_element_type="int32"
+        )
+    else:
+        import tensorflow as tf
+
+        products = tf.linalg.matmul(
+            flat, weight, transpose_b=True, output_type=tf.int32
+        )
+    products = ops.reshape(
+        ops.cast(products[: parts * count], "float32"), (parts, count, -1)
+    )
+    return ops.sum(products * scales, axis=0)
+
+
 def split_into_parts(rows, parts):
     """Splits float `rows` `(n, k)` into `(integers, scales)`: `integers`
     `(parts, n, k)` float32 holding whole numbers in [-63, 63] and `scales`
     `(parts, n, 1)`, with `rows` close to `sum(scales * integers)`."""
-    import torch
-
-    remainder = rows.float()
-    largest = remainder.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(largest > 0, largest, 1.0) / _PART_LIMIT
+    remainder = ops.cast(rows, "float32")
+    largest = ops.max(ops.abs(remainder), axis=-1, keepdims=True)
+    scale = ops.where(largest > 0, largest, 1.0) / _PART_LIMIT
     integers, scales = [], []
     for _ in range(parts):
-        part = torch.round(remainder / scale).clamp_(-_PART_LIMIT, _PART_LIMIT)
+        part = ops.clip(ops.round(remainder / scale), -_PART_LIMIT, _PART_LIMIT)
         integers.append(part)
         scales.append(scale)
         remainder = remainder - part * scale
         scale = scale / (2 * _PART_LIMIT)
-    return torch.stack(integers), torch.stack(scales)
+    return ops.stack(integers), ops.stack(scales)
+
+
+@functools.cache
+def cpu_multiplies_bytes():
+    """Whether this CPU has instructions for dot products of bytes summed
+    into 32 bits (AVX-512 VNNI or AVX-VNNI), where XLA's int8 product is
+    faster than converting each weight: measured on a Xeon with them only
+    (the AMD EPYC machines, AVX2 alone, convert at about the memory's
+    speed). Read from Linux's /proc/cpuinfo; False elsewhere."""
+    return _cpuinfo_lists_byte_dot_products("/proc/cpuinfo")
+
+
+def _cpuinfo_lists_byte_dot_products(path):
+    try:
+        with open(path) as file:
+            for line in file:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_vnni", "avx_vnni"})
+    except OSError:
+        pass
+    return False
 
 
 def _product(rows, weight, parts):

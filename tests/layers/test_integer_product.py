@@ -1,13 +1,17 @@
-"""Float rows times int8 weights by fbgemm's integer product on PyTorch:
-exact up to the split of the rows into integer parts, used for vocabulary
-sized weights, replayed inside a recorded decode step."""
+"""Float rows times int8 weights by integer products: fbgemm's on PyTorch,
+XLA's on JAX and TensorFlow. Exact up to the split of the rows into integer
+parts, used for vocabulary sized weights, replayed inside a recorded decode
+step (PyTorch) or compiled into one (XLA)."""
 
 import keras
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.skipif(
+torch_only = pytest.mark.skipif(
     keras.backend.backend() != "torch", reason="fbgemm: PyTorch's x86 builds"
+)
+xla_only = pytest.mark.skipif(
+    keras.backend.backend() == "torch", reason="XLA's integer product"
 )
 
 
@@ -15,21 +19,20 @@ pytestmark = pytest.mark.skipif(
 def integer_product():
     from keras_gemma.layers import integer_product
 
-    if not integer_product.applies("float32"):
+    if keras.backend.backend() == "torch" and not integer_product.applies("float32"):
         pytest.fail("this x86 PyTorch build should have fbgemm")
     return integer_product
 
 
 @pytest.mark.parametrize("parts", [1, 2, 3])
 def test_rows_split_into_integer_parts_within_the_bound(integer_product, parts):
-    import torch
-
     rng = np.random.default_rng(parts)
     rows = rng.normal(size=(4, 100)) * np.array([[1e-3], [1.0], [50.0], [0.0]])
     integers, scales = integer_product.split_into_parts(
-        torch.tensor(rows, dtype=torch.float32), parts
+        keras.ops.convert_to_tensor(rows, "float32"), parts
     )
-    integers, scales = integers.double().numpy(), scales.double().numpy()
+    integers = keras.ops.convert_to_numpy(integers).astype("float64")
+    scales = keras.ops.convert_to_numpy(scales).astype("float64")
     assert integers.shape == (parts, 4, 100) and scales.shape == (parts, 4, 1)
     np.testing.assert_array_equal(integers, np.round(integers))
     assert np.abs(integers).max() <= 63
@@ -40,6 +43,7 @@ def test_rows_split_into_integer_parts_within_the_bound(integer_product, parts):
     np.testing.assert_array_equal(rebuilt[3], 0.0)
 
 
+@torch_only
 @pytest.mark.parametrize(
     "dtype, tolerance", [("float32", 1e-5), ("bfloat16", 2e-4), ("float16", 2e-4)]
 )
@@ -57,6 +61,7 @@ def test_product_matches_float64(integer_product, dtype, tolerance, count):
     np.testing.assert_allclose(product.numpy(), expected, atol=tolerance * scale)
 
 
+@torch_only
 def test_a_weight_written_in_place_is_packed_again(integer_product):
     import torch
 
@@ -68,6 +73,7 @@ def test_a_weight_written_in_place_is_packed_again(integer_product):
     assert product[0, 3].item() == -8.0 and product[0, 2].item() == 4.0
 
 
+@torch_only
 def test_vocabulary_sized_int8_weights_go_through_fbgemm(monkeypatch):
     """The int8 products of `storage_layout` use it from
     `_MIN_INTEGER_PRODUCT_OUTPUTS` outputs, for float32 and 16-bit rows, and
@@ -118,6 +124,7 @@ def test_vocabulary_sized_int8_weights_go_through_fbgemm(monkeypatch):
     assert calls == []
 
 
+@torch_only
 def test_replayed_in_a_recorded_step(integer_product):
     """Recorded by `make_fx` as one operation, which TorchScript replays."""
     import torch
@@ -145,6 +152,7 @@ def test_replayed_in_a_recorded_step(integer_product):
         )
 
 
+@torch_only
 def test_a_build_without_quantized_tensors_multiplies_without_fbgemm(monkeypatch):
     """PyTorch deprecates quantized tensors, which fbgemm's packing takes:
     where they are gone, vocabulary-sized products take the int8 kernel."""
@@ -163,3 +171,145 @@ def test_a_build_without_quantized_tensors_multiplies_without_fbgemm(monkeypatch
     np.testing.assert_allclose(
         outputs.numpy(), rows.numpy() @ weight.numpy().T.astype("float32"), rtol=1e-5
     )
+
+
+def _compiled(function):
+    """`function` compiled as a decode step is: `jax.jit`, or a TensorFlow
+    function compiled by XLA."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.jit(function)
+    import tensorflow as tf
+
+    return tf.function(function, jit_compile=True)
+
+
+@xla_only
+@pytest.mark.parametrize(
+    "dtype, tolerance", [("float32", 1e-5), ("bfloat16", 2e-4), ("float16", 2e-4)]
+)
+@pytest.mark.parametrize("count", [1, 5])
+def test_xla_product_matches_float64(integer_product, dtype, tolerance, count):
+    rng = np.random.default_rng(count)
+    weight = rng.integers(-127, 128, (300, 96)).astype("int8")
+    rows = keras.ops.cast(rng.normal(size=(count, 96)), dtype)
+    product = _compiled(integer_product.xla_rows_times_transpose)(rows, weight)
+    assert keras.backend.standardize_dtype(product.dtype) == "float32"
+    assert tuple(product.shape) == (count, 300)
+    expected = keras.ops.convert_to_numpy(keras.ops.cast(rows, "float32")).astype(
+        "float64"
+    ) @ weight.T.astype("float64")
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(product),
+        expected,
+        atol=tolerance * np.abs(expected).max(),
+    )
+
+
+@xla_only
+def test_xla_product_gradient_is_the_converted_weights(integer_product):
+    """Rounding the rows into parts has no gradient: the rows' gradient is
+    that of the float product."""
+    rng = np.random.default_rng(0)
+    weight = rng.integers(-127, 128, (40, 16)).astype("int8")
+    rows = rng.normal(size=(2, 16)).astype("float32")
+    upstream = rng.normal(size=(2, 40)).astype("float32")
+    if keras.backend.backend() == "jax":
+        import jax
+
+        def loss(rows):
+            return (
+                integer_product.xla_rows_times_transpose(rows, weight) * upstream
+            ).sum()
+
+        gradient = jax.jit(jax.grad(loss))(rows)
+    else:
+        import tensorflow as tf
+
+        @tf.function(jit_compile=True)
+        def gradient_of(rows):
+            with tf.GradientTape() as tape:
+                tape.watch(rows)
+                product = integer_product.xla_rows_times_transpose(rows, weight)
+                loss = tf.reduce_sum(product * upstream)
+            return tape.gradient(loss, rows)
+
+        gradient = gradient_of(tf.constant(rows))
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(gradient),
+        upstream @ weight.astype("float32"),
+        rtol=1e-5,
+    )
+
+
+@xla_only
+@pytest.mark.parametrize("multiplies_bytes", [True, False])
+def test_vocabulary_sized_int8_weights_go_through_xla_integer_product(
+    monkeypatch, multiplies_bytes
+):
+    """On CPUs with byte dot products (VNNI), `storage_layout`'s int8
+    products use it from `_MIN_INTEGER_PRODUCT_OUTPUTS` outputs and up to
+    `_MAX_ROWS_ONE_AT_A_TIME` rows, for float32 and 16-bit rows; elsewhere
+    they convert the weights."""
+    from keras_gemma.layers import integer_product, storage_layout
+
+    calls = []
+    product = integer_product._xla_product
+    monkeypatch.setattr(
+        integer_product,
+        "_xla_product",
+        lambda rows, weight, parts: calls.append(parts) or product(rows, weight, parts),
+    )
+    monkeypatch.setattr(
+        integer_product, "cpu_multiplies_bytes", lambda: multiplies_bytes
+    )
+    monkeypatch.setattr(storage_layout, "_MIN_INTEGER_PRODUCT_OUTPUTS", 64)
+    rng = np.random.default_rng(0)
+    weight = rng.integers(-127, 128, (64, 32)).astype("int8")
+    rows = rng.normal(size=(17, 32)).astype("float32")
+    cases = [
+        ("float32", 2, 3, 1e-6),
+        ("bfloat16", 3, 2, 1e-2),
+        ("float32", 17, None, 1e-6),
+    ]
+    for dtype, count, parts, tolerance in cases:
+        calls.clear()
+        rounded = keras.ops.cast(rows[:count], dtype)
+        outputs = _compiled(
+            lambda rows, dtype=dtype: storage_layout.rows_times_converted_transpose(
+                rows, weight, dtype
+            )
+        )(rounded)
+        expected_calls = [parts] if multiplies_bytes and parts else []
+        assert calls == expected_calls, (dtype, count)
+        assert keras.backend.standardize_dtype(outputs.dtype) == dtype
+        expected = keras.ops.convert_to_numpy(
+            keras.ops.cast(rounded, "float32")
+        ).astype("float64") @ weight.T.astype("float64")
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(keras.ops.cast(outputs, "float32")),
+            expected,
+            atol=tolerance * np.abs(expected).max(),
+        )
+    calls.clear()
+    _compiled(
+        lambda rows: storage_layout.rows_times_converted_transpose(
+            rows, weight[:63], "float32"
+        )
+    )(rows[:2])
+    assert calls == []
+
+
+def test_byte_dot_products_read_from_the_cpu_flags(tmp_path):
+    from keras_gemma.layers import integer_product
+
+    cpuinfo = tmp_path / "cpuinfo"
+    for flags, expected in [
+        ("fpu avx2 avx512_vnni", True),
+        ("fpu avx2 avx_vnni", True),
+        ("fpu avx2 fma", False),
+    ]:
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert integer_product._cpuinfo_lists_byte_dot_products(cpuinfo) is expected
+    assert not integer_product._cpuinfo_lists_byte_dot_products(tmp_path / "none")
