@@ -732,7 +732,7 @@ def speed_comparison(args):
     )
     if "error" in prepared:
         raise SystemExit(
-            f"prepare failed: {prepared['error']}\n{prepared.get('stderr_tail', '')}"
+            f"prepare failed: {prepared['error']}\n" + prepared.get("stderr_tail", "")
         )
     prepared.update(gguf=gguf, llama_cpp=llama_cpp)
     builtin = args.model in BUILTIN
@@ -775,9 +775,8 @@ def speed_comparison(args):
         log(f"[{backend}] worker: steady-state speed")
         steady = run_child("worker", spec, backend, args.threads, args.timeout)
         if "error" in steady:
-            log(
-                f"[{backend}] worker failed: {steady['error']}\n{steady.get('stderr_tail', '')}"
-            )
+            tail = steady.get("stderr_tail", "")
+            log(f"[{backend}] worker failed: {steady['error']}\n{tail}")
         cold = _cold_starts(args, spec, backend, prepared, against)
         report["backends"][backend] = {
             "steady": steady,

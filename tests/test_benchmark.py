@@ -150,3 +150,14 @@ def test_bench_arguments_and_table():
     assert "error" in table
     line = benchmark.describe_machine()
     assert "CPUs" in line and "Python" in line
+
+
+def test_machine_description_names_the_cpu_vector_extensions(tmp_path):
+    from keras_gemma import benchmark
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: X\nflags\t\t: fpu avx512_vnni sse avx2\n")
+    assert benchmark._cpu_vector_extensions(cpuinfo) == ["avx2", "avx512_vnni"]
+    assert benchmark._cpu_vector_extensions(tmp_path / "none") == []
+    info = dict(benchmark.machine_info(), cpu="X", cpu_vector_extensions=["avx2"])
+    assert benchmark.describe_machine(info).startswith("X (avx2), ")
