@@ -1065,9 +1065,13 @@ def scaling_table(report, markdown=False):
 
 
 def describe_machine(info):
+    sys.path.insert(0, ROOT)
+    from keras_gemma import benchmark
+
     cpus = f"{info['usable_cpus']} CPUs"
     line = (
-        f"{info['cpu']}, {cpus}, {info.get('memory_gb')} GB memory, {info['platform']}"
+        f"{benchmark.describe_cpu(info)}, {cpus}, {info.get('memory_gb')} GB memory, "
+        f"{info['platform']}"
     )
     line += f", Python {info['python']}"
     versions = info.get("versions", {})

@@ -228,6 +228,13 @@ def machine_info(probe=False):
     return info
 
 
+def describe_cpu(info):
+    """The CPU model of a `machine_info` dict, with its vector extensions,
+    e.g. `AMD EPYC (avx2)`."""
+    extensions = info.get("cpu_vector_extensions")
+    return info["cpu"] + (f" ({' '.join(extensions)})" if extensions else "")
+
+
 def describe_machine(info=None):
     """One line for a results file, e.g. `AMD EPYC (avx2), 2 CPUs, 24.6 GB
     memory, Linux-..., Python 3.11.7`."""
@@ -235,10 +242,7 @@ def describe_machine(info=None):
     cpus = f"{info['usable_cpus']} CPUs"
     if info["usable_cpus"] != info["logical_cpus"]:
         cpus = f"{info['usable_cpus']} of {info['logical_cpus']} CPUs"
-    cpu = info["cpu"]
-    if info.get("cpu_vector_extensions"):
-        cpu += " (" + " ".join(info["cpu_vector_extensions"]) + ")"
-    parts = [cpu, cpus]
+    parts = [describe_cpu(info), cpus]
     if info.get("memory_gb"):
         parts.append(f"{info['memory_gb']} GB memory")
     parts += [info["platform"], f"Python {info['python']}"]
