@@ -44,24 +44,6 @@ def test_rows_split_into_integer_parts_within_the_bound(integer_product, parts):
 
 
 @torch_only
-@pytest.mark.parametrize(
-    "dtype, tolerance", [("float32", 1e-5), ("bfloat16", 2e-4), ("float16", 2e-4)]
-)
-@pytest.mark.parametrize("count", [1, 5])
-def test_product_matches_float64(integer_product, dtype, tolerance, count):
-    import torch
-
-    rng = np.random.default_rng(count)
-    weight = rng.integers(-127, 128, (300, 96)).astype("int8")
-    rows = torch.tensor(rng.normal(size=(count, 96)), dtype=getattr(torch, dtype))
-    product = integer_product.rows_times_transpose(rows, torch.from_numpy(weight))
-    assert product.dtype == torch.float32 and product.shape == (count, 300)
-    expected = rows.double().numpy() @ weight.T.astype("float64")
-    scale = np.abs(expected).max()
-    np.testing.assert_allclose(product.numpy(), expected, atol=tolerance * scale)
-
-
-@torch_only
 def test_a_weight_written_in_place_is_packed_again(integer_product):
     import torch
 
@@ -73,6 +55,21 @@ def test_a_weight_written_in_place_is_packed_again(integer_product):
     assert product[0, 3].item() == -8.0 and product[0, 2].item() == 4.0
 
 
+def _parts_of_each_call(monkeypatch, name):
+    """A list the `parts` of each call of `integer_product.<name>` is
+    appended to."""
+    from keras_gemma.layers import integer_product
+
+    calls = []
+    product = getattr(integer_product, name)
+    monkeypatch.setattr(
+        integer_product,
+        name,
+        lambda rows, weight, parts: calls.append(parts) or product(rows, weight, parts),
+    )
+    return calls
+
+
 @torch_only
 def test_vocabulary_sized_int8_weights_go_through_fbgemm(monkeypatch):
     """The int8 products of `storage_layout` use it from
@@ -80,15 +77,9 @@ def test_vocabulary_sized_int8_weights_go_through_fbgemm(monkeypatch):
     not where a gradient is needed."""
     import torch
 
-    from keras_gemma.layers import integer_product, storage_layout
+    from keras_gemma.layers import storage_layout
 
-    calls = []
-    product = integer_product._product
-    monkeypatch.setattr(
-        integer_product,
-        "_product",
-        lambda rows, weight, parts: calls.append(parts) or product(rows, weight, parts),
-    )
+    calls = _parts_of_each_call(monkeypatch, "_product")
     monkeypatch.setattr(storage_layout, "_MIN_INTEGER_PRODUCT_OUTPUTS", 64)
     rng = np.random.default_rng(0)
     weight = torch.from_numpy(rng.integers(-127, 128, (64, 32)).astype("int8"))
@@ -185,16 +176,24 @@ def _compiled(function):
     return tf.function(function, jit_compile=True)
 
 
-@xla_only
 @pytest.mark.parametrize(
     "dtype, tolerance", [("float32", 1e-5), ("bfloat16", 2e-4), ("float16", 2e-4)]
 )
 @pytest.mark.parametrize("count", [1, 5])
-def test_xla_product_matches_float64(integer_product, dtype, tolerance, count):
+def test_product_matches_float64(integer_product, dtype, tolerance, count):
+    """fbgemm's product on PyTorch, XLA's (compiled) elsewhere."""
     rng = np.random.default_rng(count)
     weight = rng.integers(-127, 128, (300, 96)).astype("int8")
     rows = keras.ops.cast(rng.normal(size=(count, 96)), dtype)
-    product = _compiled(integer_product.xla_rows_times_transpose)(rows, weight)
+    if keras.backend.backend() == "torch":
+        import torch
+
+        multiply = integer_product.rows_times_transpose
+        weight_tensor = torch.from_numpy(weight)
+    else:
+        multiply = _compiled(integer_product.xla_rows_times_transpose)
+        weight_tensor = weight
+    product = multiply(rows, weight_tensor)
     assert keras.backend.standardize_dtype(product.dtype) == "float32"
     assert tuple(product.shape) == (count, 300)
     expected = keras.ops.convert_to_numpy(keras.ops.cast(rows, "float32")).astype(
@@ -254,13 +253,7 @@ def test_vocabulary_sized_int8_weights_go_through_xla_integer_product(
     they convert the weights."""
     from keras_gemma.layers import integer_product, storage_layout
 
-    calls = []
-    product = integer_product._xla_product
-    monkeypatch.setattr(
-        integer_product,
-        "_xla_product",
-        lambda rows, weight, parts: calls.append(parts) or product(rows, weight, parts),
-    )
+    calls = _parts_of_each_call(monkeypatch, "_xla_product")
     monkeypatch.setattr(
         integer_product, "cpu_multiplies_bytes", lambda: multiplies_bytes
     )
