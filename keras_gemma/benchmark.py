@@ -145,15 +145,10 @@ _VECTOR_EXTENSIONS = (
 
 def _cpu_vector_extensions(path="/proc/cpuinfo"):
     """The `_VECTOR_EXTENSIONS` the CPU lists (Linux), in that order."""
-    try:
-        with open(path) as file:
-            for line in file:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return [name for name in _VECTOR_EXTENSIONS if name in flags]
-    except OSError:
-        pass
-    return []
+    from keras_gemma.layers import storage_layout
+
+    flags = storage_layout.cpu_flags(path)
+    return [name for name in _VECTOR_EXTENSIONS if name in flags]
 
 
 def _total_memory_bytes():

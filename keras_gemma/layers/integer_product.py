@@ -179,19 +179,7 @@ def cpu_multiplies_bytes():
     faster than converting each weight: measured on a Xeon with them only
     (the AMD EPYC machines, AVX2 alone, convert at about the memory's
     speed). Read from Linux's /proc/cpuinfo; False elsewhere."""
-    return _cpuinfo_lists_byte_dot_products("/proc/cpuinfo")
-
-
-def _cpuinfo_lists_byte_dot_products(path):
-    try:
-        with open(path) as file:
-            for line in file:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_vnni", "avx_vnni"})
-    except OSError:
-        pass
-    return False
+    return bool(storage_layout.cpu_flags() & {"avx512_vnni", "avx_vnni"})
 
 
 def _product(rows, weight, parts):

@@ -569,6 +569,20 @@ def multiplies_half_precision_slowly(tensor):
     return is_xla_on_cpu()
 
 
+def cpu_flags(path="/proc/cpuinfo"):
+    """The instruction set extensions this CPU lists, as a set of names
+    (`avx2`, `avx512_vnni`...), read from Linux's /proc/cpuinfo; empty
+    elsewhere."""
+    try:
+        with open(path) as file:
+            for line in file:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def is_xla_on_cpu():
     """Whether this backend compiles with XLA for a CPU (JAX, TensorFlow)."""
     backend = keras.backend.backend()

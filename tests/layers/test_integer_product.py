@@ -294,15 +294,19 @@ def test_vocabulary_sized_int8_weights_go_through_xla_integer_product(
     assert calls == []
 
 
-def test_byte_dot_products_read_from_the_cpu_flags(tmp_path):
-    from keras_gemma.layers import integer_product
+def test_byte_dot_products_read_from_the_cpu_flags(tmp_path, monkeypatch):
+    from keras_gemma.layers import integer_product, storage_layout
 
     cpuinfo = tmp_path / "cpuinfo"
+    read = storage_layout.cpu_flags
+    monkeypatch.setattr(storage_layout, "cpu_flags", lambda: read(cpuinfo))
     for flags, expected in [
         ("fpu avx2 avx512_vnni", True),
         ("fpu avx2 avx_vnni", True),
         ("fpu avx2 fma", False),
     ]:
         cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-        assert integer_product._cpuinfo_lists_byte_dot_products(cpuinfo) is expected
-    assert not integer_product._cpuinfo_lists_byte_dot_products(tmp_path / "none")
+        integer_product.cpu_multiplies_bytes.cache_clear()
+        assert integer_product.cpu_multiplies_bytes() is expected
+    integer_product.cpu_multiplies_bytes.cache_clear()
+    assert read(tmp_path / "none") == set()
