@@ -110,7 +110,7 @@ def xla_rows_times_transpose(rows, weight, parts=None):
     ...     )
     """
     if parts is None:
-        parts = part_count(keras.backend.standardize_dtype(rows.dtype))
+        parts = part_count(rows.dtype)
 
     @ops.custom_gradient
     def product(rows, weight):
