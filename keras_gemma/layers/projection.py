@@ -220,9 +220,7 @@ class Projection(keras.layers.EinsumDense):
             kernel = self._int8_as_einsum_layout(self._kernel)
             outputs = self._int8_activations_product(inputs, kernel)
         else:
-            # Weights only: the kernel scale is laid out to divide the outputs.
             outputs = self._int8_weights_only_product(inputs)
-            outputs = ops.divide(outputs, ops.cast(self.kernel_scale, outputs.dtype))
         if self.lora_enabled:
             adapted = ops.einsum(self.equation, inputs, self.lora_kernel_a)
             adapted = ops.matmul(adapted, self.lora_kernel_b)
@@ -250,20 +248,26 @@ class Projection(keras.layers.EinsumDense):
         )
 
     def _int8_weights_only_product(self, inputs):
+        """The inputs times the int8 kernel, divided by the kernel scale
+        (laid out to divide the outputs)."""
         kernel = self._kernel.value
+        scale = self.kernel_scale
         if not self._int8_is_matrix_product:
             kernel, inputs = storage_layout.converted_where_used(
                 kernel, inputs, self.compute_dtype
             )
             if keras.backend.backend() == "torch":  # a transposed view is free
-                return self._product(inputs, self._int8_as_einsum_layout(kernel))
-            return ops.einsum(self._int8_equation, inputs, kernel)
+                outputs = self._product(inputs, self._int8_as_einsum_layout(kernel))
+            else:
+                outputs = ops.einsum(self._int8_equation, inputs, kernel)
+            return ops.divide(outputs, ops.cast(scale, outputs.dtype))
         count = self._int8_contracted_count
         contracted = tuple(kernel.shape[-count:])
         rows = storage_layout.rows_times_converted_transpose(
             ops.reshape(inputs, (-1,) + contracted),
             ops.reshape(kernel, (-1,) + contracted),
             self.compute_dtype,
+            divisor=ops.reshape(scale, (-1,)),
         )
         leading = ops.shape(inputs)[: len(inputs.shape) - count]
         return ops.reshape(rows, tuple(leading) + tuple(kernel.shape[:-count]))

@@ -363,12 +363,14 @@ def _torch_thread_blocks(rows, matrix):
     return blocks
 
 
-def rows_times_converted_transpose(rows, weight, dtype):
+def rows_times_converted_transpose(rows, weight, dtype, divisor=None):
     """`rows @ transpose(cast(weight, dtype))` for a 2D `rows` `(n, k)` and
     a low-precision `weight` `(m, k)`, reading `weight` where it is stored.
     The contracted axis `k` may be several axes: `rows` `(n, *axes)` and
     `weight` `(m, *axes)` (such as the heads and head size of an attention
-    output projection) give `(n, m)`, summed over `axes`.
+    output projection) give `(n, m)`, summed over `axes`. With a `divisor`
+    `(m,)` (an int8 weight's scales), each output is divided by its own, in
+    `dtype`.
 
     On XLA for CPU, a single row times the transposed converted weight
     compiles to one loop that converts each weight as it reads it, one byte
@@ -433,8 +435,17 @@ def rows_times_converted_transpose(rows, weight, dtype):
     backend = keras.backend.backend()
     if len(weight.shape) > 2 and not is_xla_on_cpu():
         return rows_times_converted_transpose(
-            _flat_rows(rows), _flat_rows(weight), dtype
+            _flat_rows(rows), _flat_rows(weight), dtype, divisor
         )
+    if divisor is not None:
+        if (
+            backend == "torch"
+            and _torch_int8_kernel_applies(rows, weight, dtype)
+            and not _torch_integer_product_applies(rows, weight, dtype)
+        ):
+            return _torch_int8_rows_product(rows, weight, dtype, divisor)
+        outputs = rows_times_converted_transpose(rows, weight, dtype)
+        return keras.ops.divide(outputs, keras.ops.cast(divisor, outputs.dtype))
     if backend == "torch" and _torch_integer_product_applies(rows, weight, dtype):
         from keras_gemma.layers import integer_product
 
@@ -443,7 +454,7 @@ def rows_times_converted_transpose(rows, weight, dtype):
         )
         return keras.ops.cast(product, dtype)
     if backend == "torch" and _torch_int8_kernel_applies(rows, weight, dtype):
-        return _torch_int8_rows_product(rows, weight, dtype)
+        return _torch_int8_rows_product(rows, weight, dtype, divisor=None)
     if _xla_integer_product_applies(rows, weight):
         from keras_gemma.layers import integer_product
 
@@ -728,11 +739,19 @@ def _torch_rows_times_converted_chunks(rows, weight, dtype):
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
 
-def _torch_int8_rows_product(rows, weight, dtype):
-    """`rows @ transpose(weight)` in `dtype` by PyTorch's int8 kernel (which
-    multiplies each output by a scale: here 1, the layers divide by theirs)."""
+def _torch_int8_rows_product(rows, weight, dtype, divisor):
+    """`rows @ transpose(weight)` in `dtype` by PyTorch's int8 kernel, which
+    multiplies each output by a scale: the reciprocal of `divisor`'s, or 1.
+
+    Multiplying by the reciprocal inside the kernel, rather than dividing
+    after it, is one operation fewer per product (126 per decode step of
+    the 270M model), and rounds to `dtype` twice instead of three times."""
     import torch
 
     rows = keras.ops.cast(rows, dtype).contiguous()
-    ones = torch.ones(weight.shape[0], dtype=rows.dtype, device=rows.device)
-    return torch._weight_int8pack_mm(rows, weight.contiguous(), ones)
+    if divisor is None:
+        scales = torch.ones(weight.shape[0], dtype=rows.dtype, device=rows.device)
+    else:
+        reciprocal = 1.0 / keras.ops.cast(divisor, "float32")
+        scales = keras.ops.cast(reciprocal, rows.dtype)
+    return torch._weight_int8pack_mm(rows, weight.contiguous(), scales)

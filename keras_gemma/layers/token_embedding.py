@@ -100,9 +100,9 @@ class TiedTokenEmbedding(keras.layers.ReversibleEmbedding):
             ops.reshape(inputs, (-1, self.output_dim)),
             self._embeddings.value,
             self.compute_dtype,
+            divisor=ops.reshape(self.embeddings_scale, (-1,)),
         )
-        logits = ops.reshape(rows, tuple(ops.shape(inputs)[:-1]) + (-1,))
-        return ops.divide(logits, ops.cast(self.embeddings_scale, logits.dtype))
+        return ops.reshape(rows, tuple(ops.shape(inputs)[:-1]) + (-1,))
 
     def quantize(self, mode=None, type_check=True, config=None):
         # The parent refuses subclasses unless told the subclass is ready.

@@ -36,10 +36,11 @@ def test_first_argmax_matches_numpy_on_ties_infinities_and_nan():
     assert tokens.dtype == np.int32
     np.testing.assert_array_equal(tokens, np.argmax(values, axis=-1))
     # A vocabulary's width, reduced in parallel: still the first of a tie.
-    wide = rng.normal(size=(2, 262144)).astype("float32")
-    wide[0, [200_000, 100]] = 50.0
-    wide[1, [250_000, 60_000]] = np.nan
-    assert _numpy(samplers.first_argmax(wide)).tolist() == [100, 60_000]
+    wide = rng.normal(size=(3, 262144)).astype("float32")
+    wide[0, [200_000, 300, 100]] = 50.0  # ties within and across blocks
+    wide[1, [250_000, 60_001, 60_000]] = np.nan
+    wide[2, :] = -np.inf
+    assert _numpy(samplers.first_argmax(wide)).tolist() == [100, 60_000, 0]
 
 
 def test_top_k_one_and_top_p_small_equal_greedy():
