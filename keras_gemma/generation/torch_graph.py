@@ -300,8 +300,8 @@ class _FixedResults:
         self.results = ()
 
     def __call__(self, leaves):
-        if not self.fixed_inputs:
-            return ()
+        # Without fixed inputs, `prepare` still computes what depends on
+        # constants alone, once.
         inputs = leaves[: self.fixed_inputs]
         # `None` (no count kept) reruns every call.
         versions = [storage_layout.torch_write_count(tensor) for tensor in inputs]

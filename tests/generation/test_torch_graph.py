@@ -221,3 +221,19 @@ def test_fixed_results_are_reused_until_a_weight_changes(monkeypatch):
     other = torch.randn(3)  # another tensor
     torch.testing.assert_close(replay(other, codes, x), _weights_step(other, codes, x))
     assert calls == [2, 2, 2]
+
+
+def test_replay_without_fixed_inputs_computes_operations_on_constants():
+    """Operations on the recording's constants alone move out of the step
+    even with no fixed inputs; the replay still computes them."""
+    table = torch.arange(4.0)
+
+    def step(x):
+        return x * torch.cos(table)
+
+    x = torch.ones(4)
+    recorded = record_operations(step, x)
+    assert _count(recorded, torch.ops.aten.cos.default) == 1
+    replay = replay_with_torchscript(recorded, x)
+    for scale in (1.0, 3.0):
+        torch.testing.assert_close(replay(x * scale), step(x * scale))

@@ -56,8 +56,8 @@ def test_a_weight_written_in_place_is_packed_again(integer_product):
 
 
 def _parts_of_each_call(monkeypatch, name):
-    """A list the `parts` of each call of `integer_product.<name>` is
-    appended to."""
+    """A list the `parts` of each call of `integer_product.<name>`
+    (`(rows, weight, parts)`) is appended to."""
     from keras_gemma.layers import integer_product
 
     calls = []
@@ -79,7 +79,7 @@ def test_vocabulary_sized_int8_weights_go_through_fbgemm(monkeypatch):
 
     from keras_gemma.layers import storage_layout
 
-    calls = _parts_of_each_call(monkeypatch, "_product")
+    calls = _parts_of_each_call(monkeypatch, "rows_times_transpose")
     monkeypatch.setattr(storage_layout, "_MIN_INTEGER_PRODUCT_OUTPUTS", 64)
     rng = np.random.default_rng(0)
     weight = torch.from_numpy(rng.integers(-127, 128, (64, 32)).astype("int8"))
@@ -133,7 +133,7 @@ def test_replayed_in_a_recorded_step(integer_product):
     with torch.inference_mode():
         recorded = make_fx(step)(torch.ones((1, 8)))
         targets = {str(node.target) for node in recorded.graph.nodes}
-        assert "keras_gemma.int8_rows_times_transpose.default" in targets
+        assert "keras_gemma.int8_parts_times_transpose.default" in targets
         replay = replay_with_torchscript(recorded, torch.ones((1, 8)))
         rows = torch.arange(8.0)[None] / 8
         np.testing.assert_allclose(
