@@ -176,6 +176,45 @@ def test_bfloat16_attention_on_cpu_multiplies_in_float32():
     )
 
 
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="PyTorch's kernel")
+def test_fused_attention_on_torch_matches_the_einsums(monkeypatch):
+    """On PyTorch's CPU the attention is one fused operation: same outputs
+    as the einsums, grouped heads and mask included."""
+    import torch
+
+    from keras_gemma.layers import attention
+
+    layer = GemmaAttention(
+        hidden_dim=8,
+        num_query_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+    )
+    layer.build((None, None, 8))
+    rng = np.random.default_rng(0)
+    query = rng.normal(size=(2, 3, 4, 8)).astype("float32")
+    keys, values = rng.normal(size=(2, 2, 5, 2, 8)).astype("float32")
+    mask = rng.random((2, 3, 5)) < 0.6
+    mask[..., 0] = True  # every query sees a key
+    query, keys, values, mask = (
+        torch.from_numpy(x) for x in (query, keys, values, mask)
+    )
+    fused_calls = []
+    fused = attention._torch_fused_attention
+    monkeypatch.setattr(
+        attention,
+        "_torch_fused_attention",
+        lambda *args: fused_calls.append(1) or fused(*args),
+    )
+    with torch.no_grad():
+        out = _numpy(layer.attend(query, keys, values, attention_mask=mask))
+        monkeypatch.setattr(attention, "_torch_on_cpu", lambda tensor: False)
+        expected = _numpy(layer.attend(query, keys, values, attention_mask=mask))
+    assert fused_calls == [1]
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="inspects XLA's program")
 def test_bfloat16_decode_updates_the_cache_in_place_on_jax():
     """A bfloat16 cache read in float32 is updated in place each step: XLA
